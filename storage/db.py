@@ -1,0 +1,170 @@
+"""Connecting to the store, and keeping its schema at the revision the code expects.
+
+SQLite is opened so that every transaction takes the write lock up front (``BEGIN IMMEDIATE``):
+that is what serialises queue claims and audit appends there. PostgreSQL uses row locks and an
+advisory lock instead (see storage.queue and storage.audit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import Connection, Engine, create_engine, event, exc
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+import migrations
+from storage.errors import DatabaseUnreachable, SchemaNotCurrent
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+PG_CONNECT_TIMEOUT_S = 10
+UPGRADE_HINT = "run `metake db upgrade`"
+
+
+def display_url(url: str | URL) -> str:
+    """The URL as it may be shown to people and written to logs: password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except exc.ArgumentError:
+        return "<unparseable database URL>"
+
+
+def is_sqlite(url: str | URL) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def sqlite_file(url: str | URL) -> Path | None:
+    """The database file of a SQLite URL, or None for other backends and in-memory databases."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def make_engine(url: str | URL, *, foreign_keys: bool = True) -> Engine:
+    """An engine for the store; ``foreign_keys=False`` only for SQLite migrations (batch mode)."""
+    try:
+        parsed = make_url(url)
+    except exc.ArgumentError as error:
+        raise DatabaseUnreachable(f"not a database URL: {display_url(url)}") from error
+    backend = parsed.get_backend_name()
+    connect_args: dict[str, Any] = {}
+    if backend == "sqlite":
+        connect_args["timeout"] = SQLITE_BUSY_TIMEOUT_S
+    elif backend == "postgresql":
+        connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+    try:
+        engine = create_engine(parsed, connect_args=connect_args, pool_pre_ping=True)
+    except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as error:
+        raise DatabaseUnreachable(f"cannot use database {display_url(parsed)}: {error}") from error
+    if backend == "sqlite":
+        _serialise_sqlite(engine, foreign_keys=foreign_keys)
+    return engine
+
+
+def _serialise_sqlite(engine: Engine, *, foreign_keys: bool) -> None:
+    """Take the write lock at BEGIN, per the SQLAlchemy pysqlite transaction recipe."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions that keep loaded objects usable after commit (the CLI prints them afterwards)."""
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def connect(engine: Engine) -> Iterator[Connection]:
+    """A connection, with connection failures reported as DatabaseUnreachable (password hidden)."""
+    try:
+        connection = engine.connect()
+    except exc.DBAPIError as error:
+        raise DatabaseUnreachable(_unreachable_message(engine.url, error)) from error
+    with connection:
+        yield connection
+
+
+def _unreachable_message(url: URL, error: exc.DBAPIError) -> str:
+    reason = str(error.orig).strip().splitlines()[0] if str(error.orig).strip() else type(error.orig).__name__
+    if url.password:
+        reason = reason.replace(str(url.password), "***")
+    return f"cannot reach database {display_url(url)}: {reason}"
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """Alembic configuration for the packaged migrations, optionally bound to a connection."""
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revisions() -> tuple[str, ...]:
+    return tuple(ScriptDirectory.from_config(alembic_config()).get_heads())
+
+
+def current_revisions(engine: Engine) -> tuple[str, ...]:
+    """The revisions stamped in the database; empty for a database without the schema."""
+    with connect(engine) as connection:
+        return tuple(MigrationContext.configure(connection).get_current_heads())
+
+
+def upgrade(url: str | URL, revision: str = "head") -> None:
+    """Migrate the database at ``url`` to ``revision``, creating the SQLite file if needed."""
+    database_file = sqlite_file(url)
+    if database_file is not None:
+        database_file.parent.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(url, foreign_keys=False)
+    try:
+        with connect(engine) as connection, connection.begin():
+            command.upgrade(alembic_config(connection), revision)
+    finally:
+        engine.dispose()
+
+
+def require_current_revision(engine: Engine) -> None:
+    """Refuse to work on a database whose schema is older or newer than this code's."""
+    database_file = sqlite_file(engine.url)
+    if database_file is not None and not database_file.exists():
+        raise SchemaNotCurrent(
+            f"no database at {database_file}; run `metake init` (or `metake db upgrade`)"
+        )
+    current = current_revisions(engine)
+    heads = head_revisions()
+    if set(current) == set(heads):
+        return
+    where = display_url(engine.url)
+    if not current:
+        raise SchemaNotCurrent(f"database {where} has no metake schema; {UPGRADE_HINT}")
+    script = ScriptDirectory.from_config(alembic_config())
+    for revision in current:
+        try:
+            script.get_revision(revision)
+        except CommandError as error:
+            raise SchemaNotCurrent(
+                f"database {where} is at revision {revision}, which this version of metake does not "
+                f"know (it needs {', '.join(heads)}); install a newer metake"
+            ) from error
+    raise SchemaNotCurrent(
+        f"database {where} is at revision {', '.join(current)} but this metake needs "
+        f"{', '.join(heads)}; {UPGRADE_HINT}"
+    )

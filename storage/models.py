@@ -1,0 +1,199 @@
+"""The ORM schema of the correction store.
+
+Every change to these classes needs an Alembic revision in ``migrations/versions``; a test fails
+when the models and the migrations drift apart.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from storage.types import UTCDateTime, utcnow
+
+# Alembic needs named constraints to alter them later, SQLite batch mode most of all.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+PROMPT_MAX_CHARS = 1000
+SUBJECT_MAX_CHARS = 200
+TARGET_MAX_CHARS = 200
+
+
+class CorrectionStatus(enum.StrEnum):
+    """Where a correction is in its life; see storage.queue for the transitions."""
+
+    PENDING = "pending"
+    APPLYING = "applying"
+    APPLIED = "applied"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    SUPERSEDED = "superseded"
+    REVERTED = "reverted"
+
+
+class Phase(enum.StrEnum):
+    """Whether a metric was measured before or after its edit."""
+
+    PRE = "pre"
+    POST = "post"
+
+
+def _str_enum(enum_class: type[enum.StrEnum], name: str) -> Enum:
+    """A portable enum column: VARCHAR plus a CHECK constraint, storing the lowercase values."""
+    return Enum(
+        enum_class,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda members: [member.value for member in members],
+        validate_strings=True,
+    )
+
+
+class Base(DeclarativeBase):
+    """Declarative base carrying the naming convention and the shared column types."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(),
+        list[Any]: JSON(),
+        list[str]: JSON(),
+        list[int]: JSON(),
+        list[dict[str, str]]: JSON(),
+    }
+
+
+class Correction(Base):
+    """One requested fact correction, and the queue entry that carries it to an edit."""
+
+    __tablename__ = "corrections"
+    __table_args__ = (
+        Index("ix_corrections_claim_order", "status", "priority", "submitted_at"),
+        Index("ix_corrections_subject", "subject"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt: Mapped[str] = mapped_column(String(PROMPT_MAX_CHARS))
+    subject: Mapped[str] = mapped_column(String(SUBJECT_MAX_CHARS))
+    target: Mapped[str] = mapped_column(String(TARGET_MAX_CHARS))
+    original_answer: Mapped[str | None] = mapped_column(String(TARGET_MAX_CHARS))
+    paraphrases: Mapped[list[str]] = mapped_column(default=list)
+    neighbors: Mapped[list[dict[str, str]]] = mapped_column(default=list)
+    priority: Mapped[int] = mapped_column(default=0)
+    submitter: Mapped[str] = mapped_column(String(100))
+    source: Mapped[str | None] = mapped_column(String(200))
+    submitted_at: Mapped[datetime] = mapped_column(default=utcnow)
+    status: Mapped[CorrectionStatus] = mapped_column(
+        _str_enum(CorrectionStatus, "correction_status"), default=CorrectionStatus.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    claimed_by: Mapped[str | None] = mapped_column(String(200))
+    claimed_at: Mapped[datetime | None]
+    edit_id: Mapped[int | None] = mapped_column(ForeignKey("edits.id"), index=True)
+    superseded_by: Mapped[int | None] = mapped_column(ForeignKey("corrections.id"))
+
+    edit: Mapped[Edit | None] = relationship(back_populates="corrections")
+
+    def filled_prompt(self) -> str:
+        """The prompt with the subject written in, as the model reads it."""
+        return self.prompt.replace("{}", self.subject, 1)
+
+
+class Edit(Base):
+    """One application of a batch of corrections to the model."""
+
+    __tablename__ = "edits"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    method: Mapped[str] = mapped_column(String(50))
+    model: Mapped[str] = mapped_column(String(200))
+    hparams: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    layers: Mapped[list[int]] = mapped_column(default=list)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    timings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    checkpoint_before_id: Mapped[int | None] = mapped_column(ForeignKey("checkpoints.id"))
+    checkpoint_after_id: Mapped[int | None] = mapped_column(ForeignKey("checkpoints.id"))
+
+    corrections: Mapped[list[Correction]] = relationship(back_populates="edit")
+    metrics: Mapped[list[Metric]] = relationship(back_populates="edit")
+    checkpoint_before: Mapped[Checkpoint | None] = relationship(foreign_keys=[checkpoint_before_id])
+    checkpoint_after: Mapped[Checkpoint | None] = relationship(foreign_keys=[checkpoint_after_id])
+
+
+class Metric(Base):
+    """One measured figure of an edit, for one correction or for the whole batch."""
+
+    __tablename__ = "metrics"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    edit_id: Mapped[int] = mapped_column(ForeignKey("edits.id"), index=True)
+    correction_id: Mapped[int | None] = mapped_column(ForeignKey("corrections.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    phase: Mapped[Phase] = mapped_column(_str_enum(Phase, "metric_phase"))
+    value: Mapped[float] = mapped_column(Float)
+
+    edit: Mapped[Edit] = relationship(back_populates="metrics")
+
+
+class Checkpoint(Base):
+    """A saved model state; retention may delete its file (pruned) but never its row."""
+
+    __tablename__ = "checkpoints"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("checkpoints.id"))
+    path: Mapped[str] = mapped_column(String(1000))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    base_model: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    pruned: Mapped[bool] = mapped_column(default=False)
+    pruned_at: Mapped[datetime | None]
+    manifest: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    parent: Mapped[Checkpoint | None] = relationship(remote_side=[id])
+
+
+class AuditEvent(Base):
+    """One append-only, hash-chained record of a state change; see storage.audit.
+
+    The id is assigned by the appender as the previous id plus one, so two appenders that read
+    the same chain head collide on the primary key instead of forking the chain.
+    """
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(50))
+    correction_id: Mapped[int | None] = mapped_column(ForeignKey("corrections.id"), index=True)
+    edit_id: Mapped[int | None] = mapped_column(ForeignKey("edits.id"), index=True)
+    checkpoint_id: Mapped[int | None] = mapped_column(ForeignKey("checkpoints.id"), index=True)
+    actor: Mapped[str] = mapped_column(String(100))
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
