@@ -145,9 +145,7 @@ def require_current_revision(engine: Engine) -> None:
     """Refuse to work on a database whose schema is older or newer than this code's."""
     database_file = sqlite_file(engine.url)
     if database_file is not None and not database_file.exists():
-        raise SchemaNotCurrent(
-            f"no database at {database_file}; run `metake init` (or `metake db upgrade`)"
-        )
+        raise SchemaNotCurrent(f"no database at {database_file}; run `metake init` (or `metake db upgrade`)")
     current = current_revisions(engine)
     heads = head_revisions()
     if set(current) == set(heads):

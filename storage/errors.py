@@ -23,3 +23,7 @@ class InvalidInput(StoreError):
 
 class NotFound(StoreError):
     """A referenced row does not exist."""
+
+
+class InvalidTransition(StoreError):
+    """A correction is not in the status an operation requires."""

@@ -21,7 +21,9 @@ from sqlalchemy import (
     String,
     Text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import DeclarativeBase, Mapped, Mapper, mapped_column, relationship
 
 from storage.types import UTCDateTime, utcnow
 
@@ -197,3 +199,10 @@ class AuditEvent(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+@sa_event.listens_for(AuditEvent, "before_update")
+@sa_event.listens_for(AuditEvent, "before_delete")
+def _refuse_audit_rewrite(_mapper: Mapper[AuditEvent], _connection: Connection, target: AuditEvent) -> None:
+    """The audit log is append-only: refuse to change or delete an event through the ORM."""
+    raise PermissionError(f"audit event {target.id} is append-only; it cannot be changed or deleted")

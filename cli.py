@@ -1,0 +1,466 @@
+"""The ``metake`` command line: submit corrections, inspect the queue and history, check the audit log.
+
+The group puts a :class:`storage.context.StoreContext` in ``ctx.obj``. Commands that live in
+other modules (the daemon's ``apply``, ``daemon``, ``revert``, ``export``, ``bench``) take it with
+``@click.pass_obj`` and are registered at the bottom of this file with ``main.add_command``.
+Every command except ``init`` and ``db upgrade`` opens the store through
+``StoreContext.sessions()``, which refuses a database whose schema is not current.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from storage.audit import event_count, verify_chain
+from storage.context import StoreContext
+from storage.db import current_revisions
+from storage.errors import InvalidInput, StoreError
+from storage.models import AuditEvent, CorrectionStatus
+from storage.queries import all_checkpoints, correction_history, correction_story, queued_corrections
+from storage.queue import submit_many
+from storage.records import (
+    CorrectionInput,
+    ParsedFile,
+    check_submitter,
+    make_correction,
+    parse_corrections_text,
+    parse_neighbor_option,
+    read_corrections_file,
+)
+from storage.serialize import (
+    checkpoint_to_dict,
+    correction_to_dict,
+    edit_to_dict,
+    event_to_dict,
+    iso,
+    metric_to_dict,
+)
+
+STATUS_CHOICE = click.Choice([status.value for status in CorrectionStatus], case_sensitive=False)
+CELL_MAX_CHARS = 48
+
+
+class OneLineUsageError(click.ClickException):
+    """A usage error shown as its one-line message (click's usual form adds two lines of usage)."""
+
+    exit_code = 2
+
+
+class MetakeGroup(click.Group):
+    """A click group that reports user errors as one line on stderr: store errors exit 1, usage 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StoreError as error:
+            raise click.ClickException(str(error)) from error
+        except click.UsageError as error:
+            raise OneLineUsageError(error.format_message()) from error
+
+
+class IsoTime(click.ParamType):
+    """An ISO 8601 date or time; without a zone it is taken as UTC."""
+
+    name = "TIME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            self.fail(
+                f"{value!r} is not an ISO 8601 date or time (e.g. 2025-01-31 or 2025-01-31T14:00)", param, ctx
+            )
+        return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def json_option(function: Any) -> Any:
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print a JSON list of objects instead of a table."
+    )(function)
+
+
+def print_json(rows: list[dict[str, Any]]) -> None:
+    click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Left-aligned columns; long cells are cut with an ellipsis, control characters escaped."""
+    cells = [[_cell(value) for value in row] for row in rows]
+    widths = [max([len(header)] + [len(row[i]) for row in cells]) for i, header in enumerate(headers)]
+    for row in [list(headers), *cells]:
+        click.echo("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _cell(value: Any) -> str:
+    text = "" if value is None else str(value)
+    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    return text if len(text) <= CELL_MAX_CHARS else text[: CELL_MAX_CHARS - 1] + "…"
+
+
+def _minute(at: datetime | None) -> str:
+    return "" if at is None else at.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def _default_submitter() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name (e.g. a container user without a passwd entry)
+        return "unknown"
+
+
+@click.group(cls=MetakeGroup)
+@click.option(
+    "--home",
+    metavar="DIR",
+    help="Data home for the database, models, statistics and checkpoints "
+    "[default: $METAKE_HOME, else the platform's user data directory].",
+)
+@click.option(
+    "--db",
+    "db_url",
+    metavar="URL",
+    help="SQLAlchemy database URL [default: $METAKE_DB_URL, else metake.sqlite3 in the data home].",
+)
+@click.version_option(package_name="metake-daemon")
+@click.pass_context
+def main(ctx: click.Context, home: str | None, db_url: str | None) -> None:
+    """Keep a language model's facts corrected: queue, apply and audit fact corrections."""
+    store = StoreContext.resolve(home, db_url)
+    ctx.obj = store
+    ctx.call_on_close(store.close)
+
+
+@main.command()
+@click.pass_obj
+def init(store: StoreContext) -> None:
+    """Create the data home and the database, and migrate it to the newest schema."""
+    store.initialise()
+    click.echo(f"home: {store.home.root}")
+    click.echo(f"database: {store.display_url} (revision {', '.join(current_revisions(store.engine()))})")
+
+
+@main.group()
+def db() -> None:
+    """Manage the database schema."""
+
+
+@db.command("upgrade")
+@click.pass_obj
+def db_upgrade(store: StoreContext) -> None:
+    """Migrate the database to the newest schema revision (creating it if needed)."""
+    store.upgrade()
+    click.echo(f"database {store.display_url} is at revision {', '.join(current_revisions(store.engine()))}")
+
+
+@main.command()
+@click.option(
+    "--prompt", help="Template with one '{}' where the subject goes, e.g. 'The mother tongue of {} is'."
+)
+@click.option("--subject", help="The subject, e.g. 'Danielle Darrieux'.")
+@click.option("--target", help="The correct answer, e.g. 'English'.")
+@click.option("--original", "original_answer", help="The answer the model gives now (measured before/after).")
+@click.option(
+    "--paraphrase", "paraphrases", multiple=True, help="Another wording, subject written out. Repeatable."
+)
+@click.option(
+    "--neighbor",
+    "neighbors",
+    multiple=True,
+    metavar="PROMPT=>ANSWER",
+    help="A prompt about something else whose answer must not change. Repeatable.",
+)
+@click.option(
+    "--priority",
+    type=int,
+    default=None,
+    help="Higher is applied first; with --file, for records without one [default: 0].",
+)
+@click.option(
+    "--file",
+    "file",
+    type=click.Path(dir_okay=True, allow_dash=True, path_type=Path),
+    help="JSON Lines or JSON list of corrections or CounterFact records ('-' for stdin).",
+)
+@click.option("--skip-invalid", is_flag=True, help="With --file: import the valid records, list the others.")
+@click.option(
+    "--as", "submitter", default=None, help="Name to record as submitter [default: your login name]."
+)
+@click.pass_obj
+def submit(
+    store: StoreContext,
+    prompt: str | None,
+    subject: str | None,
+    target: str | None,
+    original_answer: str | None,
+    paraphrases: tuple[str, ...],
+    neighbors: tuple[str, ...],
+    priority: int | None,
+    file: Path | None,
+    skip_invalid: bool,
+    submitter: str | None,
+) -> None:
+    """Queue corrections; prints the id of each new correction, one per line."""
+    who = check_submitter(submitter if submitter is not None else _default_submitter())
+    if file is not None:
+        if any((prompt, subject, target, original_answer, paraphrases, neighbors)):
+            raise click.UsageError(
+                "--file cannot be combined with --prompt/--subject/--target/--original/..."
+            )
+        corrections = _corrections_from_file(file, skip_invalid, priority)
+    else:
+        if prompt is None or subject is None or target is None:
+            raise click.UsageError("give --prompt, --subject and --target, or --file")
+        if skip_invalid:
+            raise click.UsageError("--skip-invalid only applies to --file")
+        corrections = [
+            make_correction(
+                prompt,
+                subject,
+                target,
+                paraphrases=paraphrases,
+                neighbors=[parse_neighbor_option(value) for value in neighbors],
+                priority=0 if priority is None else priority,
+                original_answer=original_answer,
+            )
+        ]
+    sessions = store.sessions()
+    with sessions.begin() as session:
+        ids = submit_many(session, corrections, who)
+    for new_id in ids:
+        click.echo(new_id)
+    if file is not None:
+        click.echo(f"queued {len(ids)} correction(s) from {file}", err=True)
+
+
+def _corrections_from_file(file: Path, skip_invalid: bool, priority: int | None) -> list[CorrectionInput]:
+    """The file's corrections; any invalid record fails the whole file unless ``skip_invalid``."""
+    parsed = _parse_file(file, 0 if priority is None else priority)
+    if parsed.errors and not skip_invalid:
+        raise InvalidInput(
+            f"{file}: {len(parsed.errors)} invalid record(s), nothing imported "
+            f"(--skip-invalid imports the {len(parsed.corrections)} valid one(s)):\n"
+            + "\n".join(f"  {error}" for error in parsed.errors)
+        )
+    for error in parsed.errors:
+        click.echo(f"skipped {file} {error}", err=True)
+    return [correction for _line, correction in parsed.corrections]
+
+
+def _parse_file(file: Path, default_priority: int) -> ParsedFile:
+    if str(file) != "-":
+        return read_corrections_file(file, default_priority)
+    try:
+        return parse_corrections_text(sys.stdin.read(), default_priority)
+    except InvalidInput as error:
+        raise InvalidInput(f"stdin: {error}") from error
+    except UnicodeDecodeError as error:
+        raise InvalidInput("stdin: not UTF-8 text") from error
+
+
+CORRECTION_HEADERS = ("id", "status", "prio", "tries", "submitted (UTC)", "by", "prompt", "target")
+
+
+def _correction_row(c: Any) -> tuple[Any, ...]:
+    return (
+        c.id,
+        c.status.value,
+        c.priority,
+        c.attempts,
+        _minute(c.submitted_at),
+        c.submitter,
+        c.filled_prompt(),
+        c.target,
+    )
+
+
+@main.command()
+@click.option(
+    "--status",
+    "statuses",
+    type=STATUS_CHOICE,
+    multiple=True,
+    help="Show these statuses [default: pending, applying].",
+)
+@json_option
+@click.pass_obj
+def queue(store: StoreContext, statuses: tuple[str, ...], as_json: bool) -> None:
+    """List queued corrections in the order the daemon will take them."""
+    wanted = [CorrectionStatus(s.lower()) for s in statuses] or [
+        CorrectionStatus.PENDING,
+        CorrectionStatus.APPLYING,
+    ]
+    with store.sessions().begin() as session:
+        corrections = queued_corrections(session, wanted)
+        if as_json:
+            print_json([correction_to_dict(c) for c in corrections])
+        else:
+            print_table(CORRECTION_HEADERS, [_correction_row(c) for c in corrections])
+
+
+@main.command()
+@click.option("--subject", help="Only corrections of this subject (exact match).")
+@click.option("--since", type=IsoTime(), help="Submitted at or after this time (UTC unless a zone is given).")
+@click.option("--until", type=IsoTime(), help="Submitted before this time.")
+@click.option(
+    "--status", "statuses", type=STATUS_CHOICE, multiple=True, help="Only these statuses. Repeatable."
+)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many rows.")
+@json_option
+@click.pass_obj
+def history(
+    store: StoreContext,
+    subject: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    statuses: tuple[str, ...],
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    """List all corrections ever submitted, oldest first."""
+    with store.sessions().begin() as session:
+        corrections = correction_history(
+            session,
+            subject=subject,
+            since=since,
+            until=until,
+            statuses=[CorrectionStatus(s.lower()) for s in statuses],
+            limit=limit,
+        )
+        if as_json:
+            print_json([correction_to_dict(c) for c in corrections])
+        else:
+            print_table(CORRECTION_HEADERS, [_correction_row(c) for c in corrections])
+
+
+@main.command()
+@click.argument("correction_id", metavar="ID", type=int)
+@json_option
+@click.pass_obj
+def show(store: StoreContext, correction_id: int, as_json: bool) -> None:
+    """Show one correction: its fields, its story from the audit log, its edit and its metrics."""
+    with store.sessions().begin() as session:
+        story = correction_story(session, correction_id)
+        if as_json:
+            record = correction_to_dict(story.correction)
+            record["events"] = [event_to_dict(e) for e in story.events]
+            record["edit"] = None if story.edit is None else edit_to_dict(story.edit)
+            record["metrics"] = [metric_to_dict(m) for m in story.metrics]
+            print_json([record])
+            return
+        _print_story(story)
+
+
+def _print_story(story: Any) -> None:
+    c = story.correction
+    click.echo(f"correction {c.id}: {c.status.value}")
+    fields = [
+        ("prompt", c.prompt),
+        ("subject", c.subject),
+        ("target", c.target),
+        ("original answer", c.original_answer),
+        ("priority", c.priority),
+        ("submitted", f"{iso(c.submitted_at)} by {c.submitter}"),
+        ("source", c.source),
+        ("attempts", c.attempts),
+        ("last error", c.last_error),
+        ("superseded by", c.superseded_by),
+    ]
+    fields += [(f"paraphrase {i}", p) for i, p in enumerate(c.paraphrases, 1)]
+    fields += [(f"neighbor {i}", f"{n['prompt']} => {n['answer']}") for i, n in enumerate(c.neighbors, 1)]
+    for label, value in fields:
+        if value is not None:
+            click.echo(f"  {label + ':':17}{_cell(value) if isinstance(value, str) else value}")
+    click.echo("history:")
+    print_table(("event", "at (UTC)", "kind", "actor", "details"), [_event_row(e) for e in story.events])
+    if story.edit is not None:
+        e = story.edit
+        finished = iso(e.finished_at) or "unfinished"
+        click.echo(
+            f"edit {e.id}: {e.method} on {e.model}, layers {e.layers}, {iso(e.started_at)} .. {finished},"
+        )
+        click.echo(f"  checkpoint {e.checkpoint_before_id} -> {e.checkpoint_after_id}")
+    if story.metrics:
+        click.echo("metrics:")
+        print_table(
+            ("name", "phase", "value", "scope"),
+            [
+                (m.name, m.phase.value, f"{m.value:.6g}", "batch" if m.correction_id is None else "this")
+                for m in story.metrics
+            ],
+        )
+
+
+def _event_row(event: AuditEvent) -> tuple[Any, ...]:
+    details = json.dumps(event.payload, ensure_ascii=False, sort_keys=True) if event.payload else ""
+    return (event.id, iso(event.at), event.kind, event.actor, details)
+
+
+@main.command()
+@json_option
+@click.pass_obj
+def checkpoints(store: StoreContext, as_json: bool) -> None:
+    """List saved model checkpoints (pruned ones keep their row, not their file)."""
+    with store.sessions().begin() as session:
+        rows = all_checkpoints(session)
+        if as_json:
+            print_json([checkpoint_to_dict(c) for c in rows])
+            return
+        print_table(
+            ("id", "parent", "created (UTC)", "size", "sha256", "state", "base model", "path"),
+            [
+                (
+                    c.id,
+                    c.parent_id,
+                    _minute(c.created_at),
+                    c.size_bytes,
+                    c.sha256[:12],
+                    "pruned" if c.pruned else "kept",
+                    c.base_model,
+                    c.path,
+                )
+                for c in rows
+            ],
+        )
+
+
+@main.group()
+def audit() -> None:
+    """Check the audit log."""
+
+
+@audit.command("verify")
+@json_option
+@click.pass_obj
+def audit_verify(store: StoreContext, as_json: bool) -> None:
+    """Walk the audit hash chain; exit 1 naming the first bad event if it is broken."""
+    with store.sessions().begin() as session:
+        broken = verify_chain(session)
+        count = event_count(session)
+    if as_json:
+        result: dict[str, Any] = {
+            "ok": broken is None,
+            "events": count,
+            "first_bad_event": None,
+            "reason": None,
+        }
+        if broken is not None:
+            result |= {"first_bad_event": broken.event_id, "reason": broken.reason}
+        print_json([result])
+    if broken is not None:
+        raise click.ClickException(f"audit chain broken at event {broken.event_id}: {broken.reason}")
+    if not as_json:
+        click.echo(f"audit chain verified: {count} events")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The append-only, hash-chained audit log.
+
+Each event's hash covers its own contents and the previous event's hash, so altering, deleting
+or reordering any event breaks the chain at that point. Appends are serialised so that two
+writers never both extend the same head: PostgreSQL takes a transaction-scoped advisory lock;
+SQLite transactions already hold the database write lock from BEGIN (see storage.db). The
+assigned ids are consecutive, and the primary key would reject a fork even if the lock were
+bypassed.
+
+Deleting the newest events leaves a valid shorter chain; record the head hash elsewhere (e.g.
+in a checkpoint manifest) to detect that.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Row, func, select
+from sqlalchemy.orm import Session
+
+from storage.models import AuditEvent
+from storage.types import utcnow
+
+GENESIS_HASH = "0" * 64
+# Key of the PostgreSQL advisory lock that serialises appends ("metake" in ASCII).
+CHAIN_LOCK_KEY = 0x6D6574616B65
+
+
+class AuditKind(enum.StrEnum):
+    """Event kinds written by metake; other strings are accepted for future kinds."""
+
+    SUBMITTED = "submitted"
+    SUPERSEDED = "superseded"
+    CLAIMED = "claimed"
+    RELEASED = "released"
+    APPLIED = "applied"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    REVERT_REQUESTED = "revert_requested"
+    REVERTED = "reverted"
+    CHECKPOINT_WRITTEN = "checkpoint_written"
+    CHECKPOINT_PRUNED = "checkpoint_pruned"
+
+
+@dataclass(frozen=True)
+class ChainBreak:
+    """The first event at which the chain does not verify, and why."""
+
+    event_id: int
+    reason: str
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: the byte form that gets hashed."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _canonical_time(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def event_hash(event: AuditEvent | Row[Any]) -> str:
+    """sha256 over the canonical JSON of the event's contents, including prev_hash."""
+    content = {
+        "id": event.id,
+        "at": _canonical_time(event.at),
+        "kind": event.kind,
+        "correction_id": event.correction_id,
+        "edit_id": event.edit_id,
+        "checkpoint_id": event.checkpoint_id,
+        "actor": event.actor,
+        "payload": event.payload,
+        "prev_hash": event.prev_hash,
+    }
+    return hashlib.sha256(canonical_json(content).encode()).hexdigest()
+
+
+def _lock_chain(session: Session) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(CHAIN_LOCK_KEY)))
+
+
+def append_event(
+    session: Session,
+    kind: AuditKind | str,
+    *,
+    actor: str,
+    correction_id: int | None = None,
+    edit_id: int | None = None,
+    checkpoint_id: int | None = None,
+    payload: Mapping[str, Any] | None = None,
+) -> AuditEvent:
+    """Append one event in the session's transaction.
+
+    On PostgreSQL this holds the chain lock until the transaction ends, so commit soon after.
+    """
+    _lock_chain(session)
+    newest_first = select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc())
+    head = session.execute(newest_first.limit(1)).first()
+    # A JSON round trip makes the payload exactly what will be read back (str keys, lists).
+    stored_payload = json.loads(canonical_json(dict(payload or {})))
+    event = AuditEvent(
+        id=1 if head is None else head.id + 1,
+        at=utcnow(),
+        kind=str(kind),
+        correction_id=correction_id,
+        edit_id=edit_id,
+        checkpoint_id=checkpoint_id,
+        actor=actor,
+        payload=stored_payload,
+        prev_hash=GENESIS_HASH if head is None else head.hash,
+    )
+    event.hash = event_hash(event)
+    session.add(event)
+    session.flush()
+    return event
+
+
+def verify_chain(session: Session) -> ChainBreak | None:
+    """Walk the chain in id order; return the first event that does not verify, or None."""
+    expected_id, expected_prev = 1, GENESIS_HASH
+    # Plain rows, not ORM objects: objects already in the session would hide the stored values.
+    table = AuditEvent.__table__
+    events = session.execute(select(table).order_by(table.c.id).execution_options(yield_per=1000))
+    for event in events:
+        if event.id != expected_id:
+            return ChainBreak(event.id, f"expected event {expected_id} here; events are missing")
+        if event.prev_hash != expected_prev:
+            return ChainBreak(event.id, "its prev_hash does not match the hash of the event before it")
+        if event_hash(event) != event.hash:
+            return ChainBreak(event.id, "its contents do not match its hash (the row was altered)")
+        expected_id, expected_prev = event.id + 1, event.hash
+    return None
+
+
+def event_count(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(AuditEvent)) or 0

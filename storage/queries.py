@@ -1,0 +1,84 @@
+"""Read-only questions the CLI (and later the daemon's reports) ask of the store."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from storage.errors import NotFound
+from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus, Edit, Metric
+from storage.queue import CLAIM_ORDER
+
+
+@dataclass(frozen=True)
+class CorrectionStory:
+    """One correction with everything recorded about it."""
+
+    correction: Correction
+    events: list[AuditEvent]
+    edit: Edit | None
+    metrics: list[Metric]
+
+
+def queued_corrections(
+    session: Session,
+    statuses: Collection[CorrectionStatus] = (CorrectionStatus.PENDING, CorrectionStatus.APPLYING),
+) -> list[Correction]:
+    """Corrections in the given statuses, in the order the daemon would claim them."""
+    query = select(Correction).where(Correction.status.in_(list(statuses))).order_by(*CLAIM_ORDER)
+    return list(session.scalars(query))
+
+
+def correction_history(
+    session: Session,
+    *,
+    subject: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    statuses: Collection[CorrectionStatus] = (),
+    limit: int | None = None,
+) -> list[Correction]:
+    """Corrections submitted in ``[since, until)``, oldest first, optionally filtered."""
+    query = select(Correction)
+    if subject is not None:
+        query = query.where(Correction.subject == subject)
+    if since is not None:
+        query = query.where(Correction.submitted_at >= since)
+    if until is not None:
+        query = query.where(Correction.submitted_at < until)
+    if statuses:
+        query = query.where(Correction.status.in_(list(statuses)))
+    query = query.order_by(Correction.submitted_at, Correction.id).limit(limit)
+    return list(session.scalars(query))
+
+
+def correction_story(session: Session, correction_id: int) -> CorrectionStory:
+    """The correction, its audit events, its edit and the metrics about it; NotFound if absent."""
+    correction = session.get(Correction, correction_id)
+    if correction is None:
+        raise NotFound(f"no correction with id {correction_id}")
+    about = AuditEvent.correction_id == correction_id
+    if correction.edit_id is not None:  # plus the events of its edit as a whole
+        about = or_(about, (AuditEvent.edit_id == correction.edit_id) & AuditEvent.correction_id.is_(None))
+    events = list(session.scalars(select(AuditEvent).where(about).order_by(AuditEvent.id)))
+    metrics: list[Metric] = []
+    if correction.edit_id is not None:
+        metrics = list(
+            session.scalars(
+                select(Metric)
+                .where(
+                    Metric.edit_id == correction.edit_id,
+                    or_(Metric.correction_id == correction_id, Metric.correction_id.is_(None)),
+                )
+                .order_by(Metric.name, Metric.phase, Metric.id)
+            )
+        )
+    return CorrectionStory(correction, events, correction.edit, metrics)
+
+
+def all_checkpoints(session: Session) -> list[Checkpoint]:
+    return list(session.scalars(select(Checkpoint).order_by(Checkpoint.id)))

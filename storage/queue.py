@@ -1,0 +1,191 @@
+"""The correction queue: submitting, claiming and settling corrections, each step audited.
+
+All functions work inside the caller's transaction and do not commit. Commit right after each
+call: on PostgreSQL the audit append holds the chain lock until commit, and on SQLite every
+transaction holds the database write lock. Do the slow work (editing the model) between
+transactions, not inside one.
+
+Claiming uses ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, so concurrent claimers take
+disjoint rows; on SQLite the same statement runs without the locking clause inside a
+``BEGIN IMMEDIATE`` transaction, which serialises claimers. Lock order is always: submit key
+lock, then correction rows, then the audit chain lock, so transactions never wait on each other
+in a cycle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from storage.audit import AuditKind, append_event
+from storage.errors import InvalidTransition
+from storage.models import Correction, CorrectionStatus
+from storage.records import CorrectionInput
+from storage.types import utcnow
+
+# Class of the PostgreSQL advisory locks that serialise submissions for one subject and prompt.
+SUBMIT_LOCK_CLASS = 0x6D6B
+CLAIM_ORDER = (Correction.priority.desc(), Correction.submitted_at, Correction.id)
+
+
+def _lock_subject_prompt(session: Session, prompt: str, subject: str) -> None:
+    """Serialise submissions of the same fact, so two of them cannot both stay pending."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    digest = hashlib.sha256(f"{prompt}\x1f{subject}".encode()).digest()
+    key = int.from_bytes(digest[:4], "big", signed=True)
+    session.execute(select(func.pg_advisory_xact_lock(SUBMIT_LOCK_CLASS, key)))
+
+
+def submit(session: Session, correction: CorrectionInput, submitter: str) -> int:
+    """Queue a correction and return its id; older pending ones for the same fact are superseded."""
+    _lock_subject_prompt(session, correction.prompt, correction.subject)
+    older = session.scalars(
+        select(Correction)
+        .where(
+            Correction.status == CorrectionStatus.PENDING,
+            Correction.subject == correction.subject,
+            Correction.prompt == correction.prompt,
+        )
+        .order_by(Correction.id)
+        .with_for_update()
+    ).all()
+    row = Correction(
+        prompt=correction.prompt,
+        subject=correction.subject,
+        target=correction.target,
+        original_answer=correction.original_answer,
+        paraphrases=list(correction.paraphrases),
+        neighbors=[{"prompt": n.prompt, "answer": n.answer} for n in correction.neighbors],
+        priority=correction.priority,
+        submitter=submitter,
+        source=correction.source,
+        submitted_at=utcnow(),
+        status=CorrectionStatus.PENDING,
+        attempts=0,
+    )
+    session.add(row)
+    session.flush()
+    payload = {"target": row.target, "priority": row.priority}
+    if row.source is not None:
+        payload["source"] = row.source
+    append_event(session, AuditKind.SUBMITTED, actor=submitter, correction_id=row.id, payload=payload)
+    for old in older:
+        old.status = CorrectionStatus.SUPERSEDED
+        old.superseded_by = row.id
+        append_event(
+            session,
+            AuditKind.SUPERSEDED,
+            actor=submitter,
+            correction_id=old.id,
+            payload={"superseded_by": row.id},
+        )
+    session.flush()
+    return row.id
+
+
+def submit_many(session: Session, corrections: Iterable[CorrectionInput], submitter: str) -> list[int]:
+    """Submit several corrections in order, in the caller's transaction."""
+    return [submit(session, correction, submitter) for correction in corrections]
+
+
+def claim_batch(session: Session, limit: int, worker: str) -> list[Correction]:
+    """Move up to ``limit`` pending corrections to applying for ``worker``, highest priority first."""
+    if limit < 1:
+        raise ValueError(f"batch size must be at least 1, got {limit}")
+    claimed = session.scalars(
+        select(Correction)
+        .where(Correction.status == CorrectionStatus.PENDING)
+        .order_by(*CLAIM_ORDER)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    now = utcnow()
+    for correction in claimed:
+        correction.status = CorrectionStatus.APPLYING
+        correction.attempts += 1
+        correction.claimed_by = worker
+        correction.claimed_at = now
+        append_event(
+            session,
+            AuditKind.CLAIMED,
+            actor=worker,
+            correction_id=correction.id,
+            payload={"attempt": correction.attempts},
+        )
+    session.flush()
+    return list(claimed)
+
+
+def release_claimed(session: Session, worker: str | None, *, actor: str, reason: str) -> list[int]:
+    """Put corrections left in applying back to pending (after a crash); all workers if None."""
+    query = select(Correction).where(Correction.status == CorrectionStatus.APPLYING)
+    if worker is not None:
+        query = query.where(Correction.claimed_by == worker)
+    released = session.scalars(query.order_by(Correction.id).with_for_update()).all()
+    for correction in released:
+        payload = {"worker": correction.claimed_by, "reason": reason}
+        correction.status = CorrectionStatus.PENDING
+        correction.claimed_by = None
+        correction.claimed_at = None
+        append_event(session, AuditKind.RELEASED, actor=actor, correction_id=correction.id, payload=payload)
+    session.flush()
+    return [correction.id for correction in released]
+
+
+def _lock_claimed(session: Session, correction: Correction, worker: str, operation: str) -> Correction:
+    """The correction's current row, locked, checked to be applying under ``worker``'s claim."""
+    current = session.get(Correction, correction.id, with_for_update=True, populate_existing=True)
+    if current is None:
+        raise InvalidTransition(f"correction {correction.id} does not exist")
+    if current.status != CorrectionStatus.APPLYING:
+        raise InvalidTransition(
+            f"correction {current.id} is {current.status.value}; only applying ones can be {operation}"
+        )
+    if current.claimed_by != worker:
+        raise InvalidTransition(f"correction {current.id} is claimed by {current.claimed_by}, not {worker}")
+    return current
+
+
+def mark_applied(session: Session, corrections: Sequence[Correction], edit_id: int, *, worker: str) -> None:
+    """Record that ``edit_id`` applied these corrections, which ``worker`` claimed."""
+    current = [_lock_claimed(session, correction, worker, "marked applied") for correction in corrections]
+    for correction in current:
+        correction.status = CorrectionStatus.APPLIED
+        correction.edit_id = edit_id
+        correction.last_error = None
+        append_event(session, AuditKind.APPLIED, actor=worker, correction_id=correction.id, edit_id=edit_id)
+    session.flush()
+
+
+def mark_failed(
+    session: Session, correction: Correction, reason: str, *, worker: str, retry: bool = False
+) -> None:
+    """Record a failed attempt: back to pending when ``retry``, else failed for good."""
+    current = _lock_claimed(session, correction, worker, "marked failed")
+    current.status = CorrectionStatus.PENDING if retry else CorrectionStatus.FAILED
+    current.last_error = reason
+    current.claimed_by = None
+    current.claimed_at = None
+    append_event(
+        session,
+        AuditKind.FAILED,
+        actor=worker,
+        correction_id=current.id,
+        payload={"reason": reason, "attempt": current.attempts, "retry": retry},
+    )
+    session.flush()
+
+
+def mark_rejected(session: Session, correction: Correction, reason: str, *, worker: str) -> None:
+    """Record that the editing method cannot apply this correction at all (e.g. untokenisable)."""
+    current = _lock_claimed(session, correction, worker, "rejected")
+    current.status = CorrectionStatus.REJECTED
+    current.last_error = reason
+    append_event(
+        session, AuditKind.REJECTED, actor=worker, correction_id=current.id, payload={"reason": reason}
+    )
+    session.flush()
