@@ -104,7 +104,7 @@ def append_event(
     newest_first = select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc())
     head = session.execute(newest_first.limit(1)).first()
     # A JSON round trip makes the payload exactly what will be read back (str keys, lists).
-    stored_payload = json.loads(canonical_json(dict(payload or {})))
+    stored_payload = json.loads(json.dumps(dict(payload or {}), allow_nan=False))
     event = AuditEvent(
         id=1 if head is None else head.id + 1,
         at=utcnow(),

@@ -1,0 +1,428 @@
+"""The `metake` command line: submitting, listing and showing, and every bad-input case.
+
+Every rejected command must print exactly one line on stderr (a file's list of bad records
+aside), exit non-zero, and leave every table as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import update
+
+from cli import main
+from storage.models import Checkpoint, Correction, Edit, Metric, Phase
+from storage.queue import claim_batch, mark_applied
+
+PROMPT = "The mother tongue of {} is"
+DARRIEUX = ["--prompt", PROMPT, "--subject", "Danielle Darrieux"]
+NOTHING = {"corrections": 0, "edits": 0, "metrics": 0, "checkpoints": 0, "audit_events": 0}
+
+
+def submit_ok(metake, *args: str) -> int:
+    result = metake("submit", *args)
+    assert result.exit_code == 0, result.output
+    return int(result.stdout)
+
+
+def one_line_error(result, message: str, exit_code: int = 1) -> None:
+    assert result.exit_code == exit_code, result.output
+    assert result.stderr == f"Error: {message}\n"
+    assert result.stdout == ""
+
+
+def test_submit_prints_the_new_id_and_records_every_field(metake):
+    new_id = submit_ok(
+        metake,
+        *DARRIEUX,
+        "--target",
+        "English",
+        "--original",
+        "French",
+        "--paraphrase",
+        "Danielle Darrieux speaks",
+        "--paraphrase",
+        "Danielle Darrieux grew up speaking",
+        "--neighbor",
+        "The mother tongue of Léon Blum is=>French",
+        "--priority",
+        "7",
+        "--as",
+        "alice",
+    )
+    assert new_id == 1
+    shown = json.loads(metake("show", "1", "--json").stdout)
+    assert len(shown) == 1
+    record = shown[0]
+    assert {k: record[k] for k in ("id", "status", "prompt", "subject", "target", "original_answer")} == {
+        "id": 1,
+        "status": "pending",
+        "prompt": PROMPT,
+        "subject": "Danielle Darrieux",
+        "target": "English",
+        "original_answer": "French",
+    }
+    assert record["paraphrases"] == ["Danielle Darrieux speaks", "Danielle Darrieux grew up speaking"]
+    assert record["neighbors"] == [{"prompt": "The mother tongue of Léon Blum is", "answer": "French"}]
+    assert (record["priority"], record["submitter"], record["attempts"]) == (7, "alice", 0)
+    assert [(e["kind"], e["actor"]) for e in record["events"]] == [("submitted", "alice")]
+    assert record["edit"] is None and record["metrics"] == []
+
+
+def test_resubmitting_a_fact_supersedes_and_queue_shows_claim_order(metake):
+    submit_ok(metake, *DARRIEUX, "--target", "English")
+    submit_ok(metake, "--prompt", "{} was born in", "--subject", "Danielle Darrieux", "--target", "Bordeaux")
+    submit_ok(metake, *DARRIEUX, "--target", "German", "--priority", "2")
+    queued = json.loads(metake("queue", "--json").stdout)
+    assert [(r["id"], r["status"], r["target"]) for r in queued] == [
+        (3, "pending", "German"),
+        (2, "pending", "Bordeaux"),
+    ]
+    superseded = json.loads(metake("queue", "--status", "superseded", "--json").stdout)
+    assert [(r["id"], r["superseded_by"]) for r in superseded] == [(1, 3)]
+    table = metake("queue").stdout.splitlines()
+    assert table[0].split() == [
+        "id",
+        "status",
+        "prio",
+        "tries",
+        "submitted",
+        "(UTC)",
+        "by",
+        "prompt",
+        "target",
+    ]
+    assert table[1].startswith("3   pending  2")
+    assert table[1].endswith("The mother tongue of Danielle Darrieux is  German")
+    story = metake("show", "1").stdout
+    assert "correction 1: superseded" in story
+    assert "superseded by:   3" in story
+
+
+def test_history_filters_by_subject_status_and_time(metake, sessions):
+    submit_ok(metake, *DARRIEUX, "--target", "English")
+    submit_ok(metake, "--prompt", "{} plays", "--subject", "Toko Yasuda", "--target", "piano")
+    submit_ok(metake, "--prompt", "{} plays", "--subject", "Toko Yasuda", "--target", "drums")
+    long_ago = datetime(2020, 1, 1, tzinfo=UTC)
+    with sessions.begin() as session:
+        session.execute(update(Correction).where(Correction.id == 1).values(submitted_at=long_ago))
+
+    def ids(*args: str) -> list[int]:
+        result = metake("history", "--json", *args)
+        assert result.exit_code == 0, result.output
+        return [row["id"] for row in json.loads(result.stdout)]
+
+    assert ids() == [1, 2, 3]
+    assert ids("--subject", "Toko Yasuda") == [2, 3]
+    assert ids("--status", "superseded") == [2]
+    assert ids("--status", "PENDING", "--status", "superseded") == [1, 2, 3]
+    assert ids("--since", "2021-01-01") == [2, 3]
+    assert ids("--until", "2020-01-01T00:00:01Z") == [1]
+    assert ids("--until", "2020-01-01") == []
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
+    assert ids("--since", "2019-12-31T23:00:00-01:00", "--until", tomorrow, "--limit", "2") == [1, 2]
+
+
+def test_show_tells_the_whole_story_with_edit_and_metrics(metake, sessions):
+    submit_ok(metake, *DARRIEUX, "--target", "English", "--original", "French")
+    with sessions.begin() as session:
+        batch = claim_batch(session, 1, "daemon-1")
+        before = Checkpoint(
+            path="checkpoints/0.safetensors", sha256="a" * 64, size_bytes=100, base_model="smollm2"
+        )
+        session.add(before)
+        session.flush()
+        after = Checkpoint(
+            parent_id=before.id,
+            path="checkpoints/1.safetensors",
+            sha256="b" * 64,
+            size_bytes=100,
+            base_model="smollm2",
+        )
+        session.add(after)
+        session.flush()
+        edit = Edit(
+            method="metake",
+            model="smollm2",
+            layers=[3, 4, 5],
+            checkpoint_before_id=before.id,
+            checkpoint_after_id=after.id,
+        )
+        session.add(edit)
+        session.flush()
+        session.add_all(
+            [
+                Metric(edit_id=edit.id, correction_id=1, name="p_target", phase=Phase.PRE, value=0.01),
+                Metric(edit_id=edit.id, correction_id=1, name="p_target", phase=Phase.POST, value=0.93),
+                Metric(edit_id=edit.id, correction_id=None, name="locality", phase=Phase.POST, value=0.99),
+            ]
+        )
+        mark_applied(session, batch, edit.id, worker="daemon-1")
+    record = json.loads(metake("show", "1", "--json").stdout)[0]
+    assert record["status"] == "applied"
+    assert [e["kind"] for e in record["events"]] == ["submitted", "claimed", "applied"]
+    assert (record["edit"]["layers"], record["edit"]["checkpoint_after_id"]) == ([3, 4, 5], 2)
+    assert [(m["name"], m["phase"], m["value"]) for m in record["metrics"]] == [
+        ("locality", "post", 0.99),
+        ("p_target", "post", 0.93),
+        ("p_target", "pre", 0.01),
+    ]
+    text = metake("show", "1").stdout
+    assert "edit 1: metake on smollm2, layers [3, 4, 5]" in text
+    assert "checkpoint 1 -> 2" in text
+    checkpoints = json.loads(metake("checkpoints", "--json").stdout)
+    assert [(c["id"], c["status"], c["parent_id"]) for c in checkpoints] == [
+        (1, "kept", None),
+        (2, "kept", 1),
+    ]
+    second_row = metake("checkpoints").stdout.splitlines()[2].split()
+    assert second_row[:2] + second_row[4:7] == ["2", "1", "100", "bbbbbbbbbbbb", "kept"]
+    assert metake("audit", "verify").stdout == "audit chain verified: 3 events\n"
+
+
+def test_submit_file_json_lines_and_counterfact(metake, tmp_path):
+    lines = tmp_path / "corrections.jsonl"
+    lines.write_text(
+        json.dumps({"prompt": PROMPT, "subject": "Danielle Darrieux", "target": "English", "priority": 4})
+        + "\n\n"
+        + json.dumps(
+            {
+                "case_id": 8,
+                "prompt": "What is the twin city of Wellington? It is",
+                "target_new": "Sheffield",
+                "subject": "Wellington",
+                "ground_truth": "Sydney",
+                "rephrase_prompt": "Wellington's twin city has famous tourist attractions including",
+                "locality_prompt": "The twin city of Seoul is",
+                "locality_ground_truth": "Sydney",
+            }
+        )
+        + "\n"
+    )
+    result = metake("submit", "--file", str(lines), "--priority", "1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "1\n2\n"
+    assert result.stderr == f"queued 2 correction(s) from {lines}\n"
+    rows = json.loads(metake("history", "--json").stdout)
+    assert [(r["prompt"], r["priority"], r["source"], r["original_answer"]) for r in rows] == [
+        (PROMPT, 4, None, None),
+        ("What is the twin city of {}? It is", 1, "counterfact:8", "Sydney"),
+    ]
+
+
+def test_submit_file_from_stdin_as_json_list(metake):
+    records = [{"prompt": "{} plays", "subject": f"Player {i}", "target": "piano"} for i in range(3)]
+    result = metake("submit", "--file", "-", input=json.dumps(records))
+    assert (result.exit_code, result.stdout) == (0, "1\n2\n3\n")
+
+
+# --- bad input: one line on stderr, non-zero exit, nothing written ------------------------------
+
+BAD_SUBMISSIONS = [
+    pytest.param(
+        ["--prompt", "The mother tongue is", "--subject", "Danielle Darrieux", "--target", "English"],
+        "the prompt has no '{}' where the subject goes",
+        id="subject-absent-from-template",
+    ),
+    pytest.param(
+        [
+            "--prompt",
+            "The mother tongue of Danielle Darrieux is",
+            "--subject",
+            "Danielle Darrieux",
+            "--target",
+            "English",
+        ],
+        "the prompt has no '{}' where the subject goes; write '{}' in place of 'Danielle Darrieux'",
+        id="subject-written-out",
+    ),
+    pytest.param(
+        ["--prompt", "{} and {} speak", "--subject", "Danielle Darrieux", "--target", "English"],
+        "the prompt has 2 '{}' placeholders; exactly one is allowed",
+        id="two-placeholders",
+    ),
+    pytest.param([*DARRIEUX, "--target", ""], "the target is empty", id="empty-target"),
+    pytest.param(
+        [*DARRIEUX, "--target", " \t "],
+        "the target contains a control character (U+0009) at character 2",
+        id="whitespace-and-tab-target",
+    ),
+    pytest.param([*DARRIEUX, "--target", "   "], "the target is empty", id="whitespace-target"),
+    pytest.param(
+        [*DARRIEUX, "--target", "Eng\x1blish"],
+        "the target contains a control character (U+001B) at character 4",
+        id="control-character",
+    ),
+    pytest.param(
+        ["--prompt", "The mother\ntongue of {} is", "--subject", "Danielle Darrieux", "--target", "English"],
+        "the prompt contains a control character (U+000A) at character 11",
+        id="newline-in-prompt",
+    ),
+    pytest.param(
+        ["--prompt", "x" * 999 + " {}", "--subject", "Danielle Darrieux", "--target", "English"],
+        "the prompt is 1002 characters long; the limit is 1000",
+        id="prompt-too-long",
+    ),
+    pytest.param(
+        [*DARRIEUX, "--target", "E" * 201],
+        "the target is 201 characters long; the limit is 200",
+        id="target-too-long",
+    ),
+    pytest.param(
+        [*DARRIEUX, "--target", "English", "--neighbor", "no arrow"],
+        "--neighbor 'no arrow' is not of the form 'PROMPT=>ANSWER'",
+        id="neighbor-without-arrow",
+    ),
+    pytest.param(
+        [*DARRIEUX, "--target", "English", "--paraphrase", "{} speaks"],
+        "the paraphrase 1 contains '{}'; write the subject out in full",
+        id="template-paraphrase",
+    ),
+    pytest.param(
+        [*DARRIEUX, "--target", "English", "--as", " "], "the submitter name is empty", id="empty-submitter"
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_SUBMISSIONS)
+def test_bad_submission_writes_nothing(metake, row_counts, args, message):
+    one_line_error(metake("submit", *args), message)
+    assert row_counts() == NOTHING
+
+
+def test_usage_errors_are_one_line_and_write_nothing(metake, row_counts, tmp_path):
+    one_line_error(
+        metake("submit", "--prompt", PROMPT), "give --prompt, --subject and --target, or --file", 2
+    )
+    one_line_error(
+        metake("submit", *DARRIEUX, "--target", "x", "--file", str(tmp_path / "f.jsonl")),
+        "--file cannot be combined with --prompt/--subject/--target/--original/...",
+        2,
+    )
+    one_line_error(
+        metake("submit", *DARRIEUX, "--target", "x", "--priority", "high"),
+        "Invalid value for '--priority': 'high' is not a valid integer.",
+        2,
+    )
+    assert row_counts() == NOTHING
+
+
+def test_unknown_status_name(metake, row_counts):
+    submit_ok(metake, *DARRIEUX, "--target", "English")
+    before = row_counts()
+    expected = (
+        "Invalid value for '--status': 'pendng' is not one of 'pending', 'applying', 'applied', 'failed', "
+        "'rejected', 'superseded', 'reverted'."
+    )
+    one_line_error(metake("queue", "--status", "pendng"), expected, 2)
+    one_line_error(metake("history", "--status", "pendng"), expected, 2)
+    assert row_counts() == before
+
+
+def test_bad_time_is_rejected(metake):
+    one_line_error(
+        metake("history", "--since", "yesterday"),
+        "Invalid value for '--since': 'yesterday' is not an ISO 8601 date or time "
+        "(e.g. 2025-01-31 or 2025-01-31T14:00)",
+        2,
+    )
+
+
+def test_unknown_id(metake, row_counts):
+    one_line_error(metake("show", "42"), "no correction with id 42")
+    one_line_error(metake("show", "42", "--json"), "no correction with id 42")
+    assert row_counts() == NOTHING
+
+
+def test_unreadable_file(metake, row_counts, tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    one_line_error(
+        metake("submit", "--file", str(missing)), f"cannot read {missing}: No such file or directory"
+    )
+    one_line_error(metake("submit", "--file", str(tmp_path)), f"cannot read {tmp_path}: Is a directory")
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b'{"prompt": "{} is", "subject": "s", "target": "t"}\n\x80\x81\n')
+    one_line_error(metake("submit", "--file", str(binary)), f"{binary} line 2: not UTF-8 text")
+    assert row_counts() == NOTHING
+
+
+def test_malformed_json_list_names_the_line(metake, row_counts, tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text(
+        '[\n  {"prompt": "{} is", "subject": "s", "target": "t"},\n  {"prompt": "{} is",,}\n]\n'
+    )
+    one_line_error(
+        metake("submit", "--file", str(broken)),
+        f"{broken}: line 3: malformed JSON: Expecting property name enclosed in double quotes (column 22)",
+    )
+    assert row_counts() == NOTHING
+
+
+def test_file_with_invalid_records_lists_every_bad_line_and_imports_nothing(metake, row_counts, tmp_path):
+    good = {"prompt": PROMPT, "subject": "Danielle Darrieux", "target": "English"}
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(
+        "\n".join(
+            [
+                json.dumps(good),
+                json.dumps(good | {"target": " "}),
+                "{oops",
+                json.dumps(good | {"subject": "Léon Blum"}),
+                json.dumps(
+                    {
+                        "case_id": 1,
+                        "prompt": "Kuala Langat, located in",
+                        "subject": "Nobody",
+                        "target_new": "x",
+                    }
+                ),
+            ]
+        )
+    )
+    result = metake("submit", "--file", str(mixed))
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"Error: {mixed}: 3 invalid record(s), nothing imported (--skip-invalid imports the 2 valid one(s)):",
+        "  line 2: the target is empty",
+        "  line 3: malformed JSON: Expecting property name enclosed in double quotes (column 2)",
+        "  line 5: the subject 'Nobody' does not occur in the prompt 'Kuala Langat, located in'",
+    ]
+    assert row_counts() == NOTHING
+
+    skipped = metake("submit", "--file", str(mixed), "--skip-invalid")
+    assert skipped.exit_code == 0
+    assert skipped.stdout == "1\n2\n"
+    reasons = [
+        "line 2: the target is empty",
+        "line 3: malformed JSON: Expecting property name enclosed in double quotes (column 2)",
+        "line 5: the subject 'Nobody' does not occur in the prompt 'Kuala Langat, located in'",
+    ]
+    assert skipped.stderr.splitlines() == [
+        *(f"skipped {mixed} {reason}" for reason in reasons),
+        f"queued 2 correction(s) from {mixed}",
+    ]
+    assert row_counts()["corrections"] == 2
+
+
+def test_unreachable_database_hides_the_password(tmp_path):
+    url = "postgresql+psycopg://metake:s3cret-pw@127.0.0.1:1/metake"
+    result = CliRunner().invoke(main, ["--home", str(tmp_path), "--db", url, "queue"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        "Error: cannot reach database postgresql+psycopg://metake:***@127.0.0.1:1/metake: "
+    )
+    assert len(result.stderr.splitlines()) == 1
+    assert "s3cret-pw" not in result.output
+
+
+def test_environment_selects_home_and_database(monkeypatch, tmp_path, db_url):
+    monkeypatch.setenv("METAKE_DB_URL", db_url)
+    monkeypatch.setenv("METAKE_HOME", str(tmp_path / "env-home"))
+    result = CliRunner().invoke(main, ["submit", *DARRIEUX, "--target", "English", "--as", "env"])
+    assert (result.exit_code, result.stdout) == (0, "1\n")
+    explicit = CliRunner().invoke(main, ["--db", f"sqlite:///{tmp_path / 'none.sqlite3'}", "queue"])
+    assert explicit.exit_code == 1 and "no database at" in explicit.stderr
