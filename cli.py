@@ -12,10 +12,10 @@ from __future__ import annotations
 import getpass
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -23,8 +23,14 @@ from storage.audit import event_count, verify_chain
 from storage.context import StoreContext
 from storage.db import current_revisions
 from storage.errors import InvalidInput, StoreError
-from storage.models import AuditEvent, CorrectionStatus
-from storage.queries import all_checkpoints, correction_history, correction_story, queued_corrections
+from storage.models import AuditEvent, Correction, CorrectionStatus
+from storage.queries import (
+    CorrectionStory,
+    all_checkpoints,
+    correction_history,
+    correction_story,
+    queued_corrections,
+)
 from storage.queue import submit_many
 from storage.records import (
     CorrectionInput,
@@ -44,6 +50,7 @@ from storage.serialize import (
     metric_to_dict,
 )
 
+CommandFunction = TypeVar("CommandFunction", bound=Callable[..., Any])
 STATUS_CHOICE = click.Choice([status.value for status in CorrectionStatus], case_sensitive=False)
 CELL_MAX_CHARS = 48
 
@@ -83,7 +90,7 @@ class IsoTime(click.ParamType):
         return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
-def json_option(function: Any) -> Any:
+def json_option(function: CommandFunction) -> CommandFunction:
     return click.option(
         "--json", "as_json", is_flag=True, help="Print a JSON list of objects instead of a table."
     )(function)
@@ -143,7 +150,7 @@ def main(ctx: click.Context, home: str | None, db_url: str | None) -> None:
 @main.command()
 @click.pass_obj
 def init(store: StoreContext) -> None:
-    """Create the data home and the database, and migrate it to the newest schema."""
+    """Create the data home and database at the newest schema."""
     store.initialise()
     click.echo(f"home: {store.home.root}")
     click.echo(f"database: {store.display_url} (revision {', '.join(current_revisions(store.engine()))})")
@@ -209,7 +216,11 @@ def submit(
     skip_invalid: bool,
     submitter: str | None,
 ) -> None:
-    """Queue corrections; prints the id of each new correction, one per line."""
+    """Queue corrections and print their new ids, one per line.
+
+    Give one correction with --prompt/--subject/--target, or many with --file. A newer pending
+    correction for the same subject and prompt supersedes the older pending one.
+    """
     who = check_submitter(submitter if submitter is not None else _default_submitter())
     if file is not None:
         if any((prompt, subject, target, original_answer, paraphrases, neighbors)):
@@ -270,7 +281,7 @@ def _parse_file(file: Path, default_priority: int) -> ParsedFile:
 CORRECTION_HEADERS = ("id", "status", "prio", "tries", "submitted (UTC)", "by", "prompt", "target")
 
 
-def _correction_row(c: Any) -> tuple[Any, ...]:
+def _correction_row(c: Correction) -> tuple[Any, ...]:
     return (
         c.id,
         c.status.value,
@@ -294,7 +305,7 @@ def _correction_row(c: Any) -> tuple[Any, ...]:
 @json_option
 @click.pass_obj
 def queue(store: StoreContext, statuses: tuple[str, ...], as_json: bool) -> None:
-    """List queued corrections in the order the daemon will take them."""
+    """List queued corrections in the order they will be applied."""
     wanted = [CorrectionStatus(s.lower()) for s in statuses] or [
         CorrectionStatus.PENDING,
         CorrectionStatus.APPLYING,
@@ -347,7 +358,7 @@ def history(
 @json_option
 @click.pass_obj
 def show(store: StoreContext, correction_id: int, as_json: bool) -> None:
-    """Show one correction: its fields, its story from the audit log, its edit and its metrics."""
+    """Show one correction with its audit story, edit and metrics."""
     with store.sessions().begin() as session:
         story = correction_story(session, correction_id)
         if as_json:
@@ -360,7 +371,7 @@ def show(store: StoreContext, correction_id: int, as_json: bool) -> None:
         _print_story(story)
 
 
-def _print_story(story: Any) -> None:
+def _print_story(story: CorrectionStory) -> None:
     c = story.correction
     click.echo(f"correction {c.id}: {c.status.value}")
     fields = [
@@ -409,7 +420,10 @@ def _event_row(event: AuditEvent) -> tuple[Any, ...]:
 @json_option
 @click.pass_obj
 def checkpoints(store: StoreContext, as_json: bool) -> None:
-    """List saved model checkpoints (pruned ones keep their row, not their file)."""
+    """List saved model checkpoints.
+
+    Pruned checkpoints keep their row (and hash) but no longer their file.
+    """
     with store.sessions().begin() as session:
         rows = all_checkpoints(session)
         if as_json:

@@ -126,3 +126,13 @@ def test_init_creates_home_layout_and_database(tmp_path):
     assert f"revision {head_revisions()[0]}" in result.stdout
     queue = CliRunner().invoke(main, ["--home", str(home), "queue", "--json"])
     assert queue.exit_code == 0 and queue.stdout.strip() == "[]"
+
+
+def test_init_twice_keeps_the_data(tmp_path):
+    runner = CliRunner()
+    home = ["--home", str(tmp_path / "h")]
+    assert runner.invoke(main, [*home, "init"]).exit_code == 0
+    submitted = runner.invoke(main, [*home, "submit", "--prompt", "{} is", "--subject", "s", "--target", "t"])
+    assert submitted.stdout == "1\n"
+    assert runner.invoke(main, [*home, "init"]).exit_code == 0
+    assert runner.invoke(main, [*home, "queue", "--json"]).stdout.count('"id": 1') == 1
