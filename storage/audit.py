@@ -127,15 +127,16 @@ def verify_chain(session: Session) -> ChainBreak | None:
     expected_id, expected_prev = 1, GENESIS_HASH
     # Plain rows, not ORM objects: objects already in the session would hide the stored values.
     table = AuditEvent.__table__
-    events = session.execute(select(table).order_by(table.c.id).execution_options(yield_per=1000))
-    for event in events:
-        if event.id != expected_id:
-            return ChainBreak(event.id, f"expected event {expected_id} here; events are missing")
-        if event.prev_hash != expected_prev:
-            return ChainBreak(event.id, "its prev_hash does not match the hash of the event before it")
-        if event_hash(event) != event.hash:
-            return ChainBreak(event.id, "its contents do not match its hash (the row was altered)")
-        expected_id, expected_prev = event.id + 1, event.hash
+    query = select(table).order_by(table.c.id).execution_options(yield_per=1000)
+    with session.execute(query) as events:  # closes the server-side cursor on an early return
+        for event in events:
+            if event.id != expected_id:
+                return ChainBreak(event.id, f"expected event {expected_id} here; events are missing")
+            if event.prev_hash != expected_prev:
+                return ChainBreak(event.id, "its prev_hash does not match the hash of the event before it")
+            if event_hash(event) != event.hash:
+                return ChainBreak(event.id, "its contents do not match its hash (the row was altered)")
+            expected_id, expected_prev = event.id + 1, event.hash
     return None
 
 
