@@ -51,6 +51,7 @@ class StoreContext:
         self.upgrade()
 
     def upgrade(self) -> None:
+        """Migrate to the newest revision; works on a database at any older revision or none."""
         self.close()  # a migration must not race this context's own pooled connections
         upgrade(self.db_url)
 

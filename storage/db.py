@@ -37,10 +37,6 @@ def display_url(url: str | URL) -> str:
         return "<unparseable database URL>"
 
 
-def is_sqlite(url: str | URL) -> bool:
-    return make_url(url).get_backend_name() == "sqlite"
-
-
 def sqlite_file(url: str | URL) -> Path | None:
     """The database file of a SQLite URL, or None for other backends and in-memory databases."""
     parsed = make_url(url)
@@ -103,7 +99,8 @@ def connect(engine: Engine) -> Iterator[Connection]:
 
 
 def _unreachable_message(url: URL, error: exc.DBAPIError) -> str:
-    reason = str(error.orig).strip().splitlines()[0] if str(error.orig).strip() else type(error.orig).__name__
+    lines = str(error.orig).strip().splitlines()
+    reason = lines[0] if lines else type(error.orig).__name__
     if url.password:
         reason = reason.replace(str(url.password), "***")
     return f"cannot reach database {display_url(url)}: {reason}"
@@ -118,8 +115,12 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
 def head_revisions() -> tuple[str, ...]:
-    return tuple(ScriptDirectory.from_config(alembic_config()).get_heads())
+    return tuple(_scripts().get_heads())
 
 
 def current_revisions(engine: Engine) -> tuple[str, ...]:
@@ -147,13 +148,13 @@ def require_current_revision(engine: Engine) -> None:
     if database_file is not None and not database_file.exists():
         raise SchemaNotCurrent(f"no database at {database_file}; run `metake init` (or `metake db upgrade`)")
     current = current_revisions(engine)
-    heads = head_revisions()
+    script = _scripts()
+    heads = tuple(script.get_heads())
     if set(current) == set(heads):
         return
     where = display_url(engine.url)
     if not current:
         raise SchemaNotCurrent(f"database {where} has no metake schema; {UPGRADE_HINT}")
-    script = ScriptDirectory.from_config(alembic_config())
     for revision in current:
         try:
             script.get_revision(revision)
