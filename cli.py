@@ -194,8 +194,7 @@ def db_upgrade(store: StoreContext) -> None:
 )
 @click.option(
     "--file",
-    "file",
-    type=click.Path(dir_okay=True, allow_dash=True, path_type=Path),
+    type=click.Path(allow_dash=True, path_type=Path),
     help="JSON Lines or JSON list of corrections or CounterFact records ('-' for stdin).",
 )
 @click.option("--skip-invalid", is_flag=True, help="With --file: import the valid records, list the others.")
@@ -223,7 +222,8 @@ def submit(
     """
     who = check_submitter(submitter if submitter is not None else _default_submitter())
     if file is not None:
-        if any((prompt, subject, target, original_answer, paraphrases, neighbors)):
+        single_fields = (prompt, subject, target, original_answer)
+        if any(value is not None for value in single_fields) or paraphrases or neighbors:
             raise click.UsageError(
                 "--file cannot be combined with --prompt/--subject/--target/--original/..."
             )

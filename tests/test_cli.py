@@ -303,6 +303,11 @@ def test_usage_errors_are_one_line_and_write_nothing(metake, row_counts, tmp_pat
         2,
     )
     one_line_error(
+        metake("submit", "--prompt", "", "--file", str(tmp_path / "f.jsonl")),
+        "--file cannot be combined with --prompt/--subject/--target/--original/...",
+        2,
+    )
+    one_line_error(
         metake("submit", *DARRIEUX, "--target", "x", "--priority", "high"),
         "Invalid value for '--priority': 'high' is not a valid integer.",
         2,
