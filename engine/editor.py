@@ -1,0 +1,322 @@
+"""The editor: one batch of requests in, changed weights and a new state out, or nothing at all.
+
+``Editor.apply`` runs the whole locate-then-edit pipeline for MEMIT, AlphaEdit and MetaKE on one
+code path: plan the target residual (upstream), optionally refine it against the virtual
+constrained update (MetaKE's outer loop), then spread it over the critical layers with the
+closed-form constrained solve. If anything fails, the edited weights are restored from a
+snapshot and the state passed in is still the current one: a failed edit changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.architecture import as_out_in, edited_weight
+from engine.hooks import capture_inputs, capture_outputs, run_until_stopped
+from engine.hparams import EditHyperParams
+from engine.models import LoadedModel
+from engine.planning import (
+    EncodedRequest,
+    PlanBatch,
+    encode_request,
+    optimise_plan,
+    plan_batch,
+    residual_injector,
+    subject_outputs,
+    virtual_update_injector,
+)
+from engine.projector import Projector, projector_for
+from engine.requests import EditRequest, RequestRejected, check_request, make_batch
+from engine.scoring import completion_scores
+from engine.solver import SolveFailed, layer_constraint, update_operator, weight_change
+from engine.state import EditorState
+from engine.stats import KeyStatistics, key_statistics
+
+_PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
+
+
+class EditFailed(RuntimeError):  # noqa: N818 - reads as "the edit failed"
+    """The batch could not be applied; weights and state are exactly as before."""
+
+
+@dataclass
+class RequestDiagnostics:
+    key: str | None
+    planned_norm: float
+    """``||delta||`` of the final plan."""
+    plan_ratio: float
+    """``||delta|| / ||h||``."""
+    realised_gain: float
+    """``G_ii``: the share of the plan the constrained update of the last layer realises."""
+    realised_norm: float
+    upstream_steps: int
+    outer_steps: int
+    pre_target_prob: float
+    post_target_prob: float
+    pre_original_prob: float | None
+    post_original_prob: float | None
+
+
+@dataclass
+class EditOutcome:
+    state: EditorState
+    """The state after the batch (the input state when nothing was applied)."""
+    applied: list[RequestDiagnostics] = field(default_factory=list)
+    rejected: list[tuple[EditRequest, str]] = field(default_factory=list)
+    weight_change: dict[int, float] = field(default_factory=dict)
+    """``||dW||_F`` per layer."""
+    relative_weight_change: dict[int, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Editor:
+    """Edits one loaded model with fixed hyperparameters and cached ``C0`` / projectors."""
+
+    def __init__(self, loaded: LoadedModel, hparams: EditHyperParams, cache_dir: Path | None = None) -> None:
+        if hparams.last_layer >= loaded.n_layers:
+            raise ValueError(f"layer {hparams.last_layer} does not exist: the model has {loaded.n_layers} layers")
+        self.loaded = loaded
+        self.hparams = hparams
+        self.stats: dict[int, KeyStatistics] = key_statistics(loaded, hparams.layers, hparams.stats, cache_dir)
+        model_dir = cache_dir / loaded.identity.removeprefix("sha256:")[:16] if cache_dir else None
+        self.projectors: dict[int, Projector] = {
+            layer: projector_for(self.stats[layer], hparams.solver.nullspace_threshold, model_dir)
+            for layer in hparams.layers
+        }
+        device = loaded.device
+        self._c0 = {layer: s.mean.to(device) for layer, s in self.stats.items()}
+        self._projector = {layer: p.matrix.to(device) for layer, p in self.projectors.items()}
+
+    @property
+    def key_width(self) -> int:
+        return int(next(iter(self._c0.values())).shape[0])
+
+    def new_state(self) -> EditorState:
+        """The state of a model nobody has edited yet (with its context prefixes chosen once)."""
+        up = self.hparams.upstream
+        return EditorState.fresh(
+            self.loaded.identity,
+            self.hparams.layers,
+            self.key_width,
+            self.loaded.device,
+            {layer: s.sha256 for layer, s in self.stats.items()},
+            {layer: p.sha256 for layer, p in self.projectors.items()},
+            generate_prefixes(self.loaded, up.n_prefixes, up.prefix_tokens, self.hparams.seed),
+        )
+
+    def edited_weights(self) -> dict[str, torch.Tensor]:
+        """The current edited weights by module name (copies, never views of the live model)."""
+        spec = self.loaded.spec
+        return {
+            f"{spec.mlp_out_of(layer)}.weight": edited_weight(self.loaded.model, spec, layer).detach().clone()
+            for layer in self.hparams.layers
+        }
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy saved edited weights into the live model (exactly, in place)."""
+        spec = self.loaded.spec
+        with torch.no_grad():
+            for layer in self.hparams.layers:
+                name = f"{spec.mlp_out_of(layer)}.weight"
+                if name not in weights:
+                    raise KeyError(f"weights for {name} are missing")
+                edited_weight(self.loaded.model, spec, layer).copy_(weights[name])
+
+    def apply(self, requests: list[EditRequest], state: EditorState) -> EditOutcome:
+        """Edit the model with ``requests`` as one batch; raises :class:`EditFailed` after a full rollback."""
+        state.check_compatible(self.loaded.identity, self.hparams.layers, {k: s.sha256 for k, s in self.stats.items()})
+        outcome = EditOutcome(state)
+        encoded: list[EncodedRequest] = []
+        for request in requests:
+            try:
+                check_request(request)
+                encoded.append(encode_request(self.loaded, request, state.prefixes, len(encoded)))
+            except RequestRejected as exc:
+                outcome.rejected.append((request, str(exc)))
+        if not encoded:
+            return outcome
+        snapshot = self.edited_weights()
+        try:
+            self._apply(encoded, state, outcome)
+        except (SolveFailed, EditFailed, torch.linalg.LinAlgError, RuntimeError) as exc:
+            self.load_weights(snapshot)
+            outcome.state = state
+            raise EditFailed(f"edit rolled back: {exc}") from exc
+        except BaseException:
+            self.load_weights(snapshot)
+            raise
+        return outcome
+
+    def _apply(self, encoded: list[EncodedRequest], state: EditorState, outcome: EditOutcome) -> None:
+        hp = self.hparams
+        lm = self.loaded
+        last = hp.last_layer
+        clock = time.perf_counter()
+        seconds: dict[str, float] = {}
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            seconds[name] = seconds.get(name, 0.0) + now - clock
+            clock = now
+
+        requests = [e.request for e in encoded]
+        pre_target, pre_original = self._probabilities(requests)
+        lap("probabilities")
+
+        pb = plan_batch(lm, encoded, list(state.prefixes))
+        h = subject_outputs(lm, pb, last)
+        u = len(encoded)
+        constraints = {
+            layer: layer_constraint(hp, self._c0[layer], self._projector[layer], state.constraints[layer])
+            for layer in hp.layers
+        }
+        keys_last, _ = self._keys_and_outputs(encoded, last, last)
+        operator_last = update_operator(keys_last, constraints[last])
+        lap("plan_setup")
+
+        up = hp.upstream
+        upstream = optimise_plan(
+            lm,
+            pb,
+            torch.zeros_like(h),
+            residual_injector(lm, pb, last),
+            lambda d: up.weight_decay * (d.norm(dim=1) / h.norm(dim=1) ** 2).sum(),
+            up.clamp_norm_factor * h.norm(dim=1),
+            lr=up.lr,
+            max_steps=up.max_steps,
+            steps_after_success=up.steps_after_success,
+            kl_weight=up.kl_factor,
+        )
+        delta = upstream.delta
+        lap("upstream")
+
+        outer_steps = [0] * u
+        if hp.method == "metake" and hp.outer.steps > 0:
+            delta, outer_steps = self._outer_loop(pb, delta, h, operator_last, last)
+            lap("outer")
+        if not torch.isfinite(delta).all():
+            raise EditFailed("the planned target has NaN or infinite values")
+
+        targets = h + delta
+        added: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(hp.layers):
+            keys, current = self._keys_and_outputs(encoded, layer, last)
+            residual = (targets - current).T / (len(hp.layers) - i)
+            change = weight_change(residual, update_operator(keys, constraints[layer]))
+            weight = edited_weight(lm.model, lm.spec, layer)
+            with torch.no_grad():
+                weight.add_(as_out_in(change, lm.spec).to(weight.dtype))
+            if not torch.isfinite(weight).all():
+                raise EditFailed(f"layer {layer} has non-finite weights after the update")
+            added[layer] = keys.double() @ keys.double().T
+            outcome.weight_change[layer] = float(change.norm())
+            outcome.relative_weight_change[layer] = float(change.norm() / (weight.double().norm() + 1e-12))
+        lap("solve")
+
+        post_target, post_original = self._probabilities(requests)
+        lap("probabilities")
+
+        gain = operator_last @ keys_last.double()
+        realised = delta.double().T @ gain
+        for r, item in enumerate(encoded):
+            outcome.applied.append(
+                RequestDiagnostics(
+                    key=item.request.key,
+                    planned_norm=float(delta[r].norm()),
+                    plan_ratio=float(delta[r].norm() / h[r].norm()),
+                    realised_gain=float(gain[r, r]),
+                    realised_norm=float(realised[:, r].norm()),
+                    upstream_steps=upstream.steps[r],
+                    outer_steps=outer_steps[r],
+                    pre_target_prob=pre_target[r],
+                    post_target_prob=post_target[r],
+                    pre_original_prob=pre_original[r],
+                    post_original_prob=post_original[r],
+                )
+            )
+        outcome.state = state.after_batch(added, u)
+        seconds["total"] = sum(seconds.values())
+        outcome.seconds = seconds
+
+    def _outer_loop(
+        self, pb: PlanBatch, delta: torch.Tensor, h: torch.Tensor, operator: torch.Tensor, layer: int
+    ) -> tuple[torch.Tensor, list[int]]:
+        """MetaKE: refine the plan against the virtual update ``W + delta^T B`` of the last layer."""
+        outer = self.hparams.outer
+        weight_norm_sq = edited_weight(self.loaded.model, self.loaded.spec, layer).double().norm() ** 2
+        b = operator.float()
+        scale = float(outer.gamma / weight_norm_sq)
+
+        def price(d: torch.Tensor) -> torch.Tensor:
+            return scale * (d.T @ b).pow(2).sum()
+
+        result = optimise_plan(
+            self.loaded,
+            pb,
+            delta,
+            virtual_update_injector(self.loaded, layer, operator),
+            price,
+            outer.safety_clamp_factor * h.norm(dim=1),
+            lr=outer.lr,
+            max_steps=outer.steps,
+            steps_after_success=outer.steps_after_success,
+            kl_weight=outer.beta,
+            margin=outer.target_margin,
+        )
+        return result.delta, result.steps
+
+    @torch.no_grad()
+    def _keys_and_outputs(
+        self, encoded: list[EncodedRequest], layer: int, last: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys at ``layer`` (d_k x u, averaged over prefixes) and ``last``'s output at the bare prompts (u x d)."""
+        lm = self.loaded
+        rows = [context for item in encoded for context in item.contexts]
+        batch = make_batch(rows, lm.tokenizer.pad_token_id or 0, lm.device)
+        key_name, out_name = lm.spec.mlp_out_of(layer), lm.spec.layer(last)
+        with (
+            capture_inputs(lm.model, [key_name]) as inputs,
+            capture_outputs(lm.model, [out_name], stop_after=out_name) as outputs,
+        ):
+            run_until_stopped(lm.model.base_model, **batch.inputs())
+        at_subject = inputs[key_name][batch.rows, batch.subject_pos].float()
+        n_ctx = len(encoded[0].contexts)
+        keys = at_subject.reshape(len(encoded), n_ctx, -1).mean(dim=1).T
+        bare = torch.arange(0, len(rows), n_ctx, device=lm.device)
+        current = outputs[out_name][bare, batch.subject_pos[bare]].float()
+        return keys, current
+
+    def _probabilities(self, requests: list[EditRequest]) -> tuple[list[float], list[float | None]]:
+        """P(target) and P(original answer) after each request's prompt, in one batched pass."""
+        lm = self.loaded
+        with_original = [i for i, r in enumerate(requests) if r.original]
+        prompts = [r.text for r in requests] + [requests[i].text for i in with_original]
+        answers = [r.target for r in requests] + [requests[i].original or "" for i in with_original]
+        probs = [math.exp(s) for s in completion_scores(lm.model, lm.tokenizer, prompts, answers)]
+        original: list[float | None] = [None] * len(requests)
+        for i, p in zip(with_original, probs[len(requests) :], strict=True):
+            original[i] = p
+        return probs[: len(requests)], original
+
+
+@torch.no_grad()
+def generate_prefixes(loaded: LoadedModel, n: int, length: int, seed: int) -> tuple[str, ...]:
+    """Short generic text prefixes sampled from the model (MEMIT's context templates), seeded."""
+    if n == 0:
+        return ()
+    tok = loaded.tokenizer
+    starts = [_PREFIX_STARTS[i % len(_PREFIX_STARTS)] for i in range(n)]
+    enc = tok(starts, return_tensors="pt", padding=True, padding_side="left").to(loaded.device)
+    with torch.random.fork_rng(devices=[loaded.device] if loaded.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = loaded.model.generate(
+            **enc, do_sample=True, top_k=5, max_new_tokens=length, min_new_tokens=length, pad_token_id=tok.pad_token_id
+        )
+    texts = tok.batch_decode(out, skip_special_tokens=True)
+    return tuple(" ".join(t.replace("{", " ").replace("}", " ").split()) + ". " for t in texts)

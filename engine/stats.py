@@ -1,0 +1,235 @@
+"""Key statistics ``C0 = E[k k^T]`` per edited layer, cached with their provenance.
+
+``C0`` describes the keys of knowledge that must be preserved. It is kept as a float64 sum and a
+token count (so that more text can be added later) in a safetensors file whose metadata says
+exactly what produced it: model identity, layer, module, text source with its hash, tokens.
+The default source is text sampled from the model itself, so that nothing external is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from engine.hooks import capture_inputs, forward_hooks, run_until_stopped
+from engine.hparams import StatsParams
+from engine.models import LoadedModel
+
+MODEL_SOURCE = "model"
+_TEXT_SUFFIXES = (".txt", ".raw", ".tokens", ".md", "")
+_SAMPLE_STARTS = ("The", "In", "A", "It", "He", "She", "This", "There")
+
+
+@dataclass(frozen=True)
+class KeyStatistics:
+    """The uncentred second moment of one layer's keys, with what produced it."""
+
+    layer: int
+    total: torch.Tensor
+    """Sum of ``k k^T`` over tokens (float64, d_k x d_k)."""
+    count: int
+    provenance: dict[str, object]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / self.count
+
+    @property
+    def sha256(self) -> str:
+        digest = hashlib.sha256(self.total.cpu().contiguous().numpy().tobytes())
+        digest.update(str(self.count).encode())
+        return digest.hexdigest()
+
+
+def _source_label(source: str) -> tuple[str, list[Path]]:
+    """A stable description of the text source and the files it reads (content-hashed)."""
+    if source == MODEL_SOURCE:
+        return MODEL_SOURCE, []
+    root = Path(source).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"statistics source not found: {root}")
+    files = (
+        sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _TEXT_SUFFIXES) if root.is_dir() else [root]
+    )
+    if not files:
+        raise FileNotFoundError(f"no text files (.txt, .raw, .tokens, .md) under {root}")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return f"text-sha256:{digest.hexdigest()[:16]}", files
+
+
+def cache_path(cache_dir: Path, loaded: LoadedModel, layer: int, label: str, params: StatsParams) -> Path:
+    model = loaded.identity.removeprefix("sha256:")[:16]
+    tag = hashlib.sha256(f"{label}|{params.n_tokens}|{params.seq_len}|{params.seed}".encode()).hexdigest()[:12]
+    return cache_dir / model / f"c0-{loaded.spec.mlp_out_of(layer)}-{tag}.safetensors"
+
+
+def load_statistics(path: Path) -> KeyStatistics:
+    with open(path, "rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    meta = header.get("__metadata__", {})
+    tensors = load_file(path)
+    return KeyStatistics(int(meta["layer"]), tensors["total"], int(meta["count"]), json.loads(meta["provenance"]))
+
+
+def save_statistics(path: Path, stats: KeyStatistics) -> None:
+    """Write atomically (temporary name, then rename) so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    meta = {"layer": str(stats.layer), "count": str(stats.count), "provenance": json.dumps(stats.provenance)}
+    save_file({"total": stats.total.cpu().contiguous()}, tmp, metadata=meta)
+    os.replace(tmp, path)
+    path.with_suffix(".json").write_text(json.dumps({**stats.provenance, "sha256": stats.sha256}, indent=2))
+
+
+def key_statistics(
+    loaded: LoadedModel, layers: tuple[int, ...], params: StatsParams, cache_dir: Path | None
+) -> dict[int, KeyStatistics]:
+    """``C0`` for each layer, from the cache when it holds the same provenance, else computed."""
+    label, files = _source_label(params.source)
+    paths = {layer: cache_path(cache_dir, loaded, layer, label, params) for layer in layers} if cache_dir else {}
+    found = {layer: load_statistics(p) for layer, p in paths.items() if p.exists()}
+    missing = tuple(layer for layer in layers if layer not in found)
+    if missing:
+        fresh = _compute(loaded, missing, params, label, files)
+        for layer, stats in fresh.items():
+            if cache_dir:
+                save_statistics(paths[layer], stats)
+            found[layer] = stats
+    return {layer: found[layer] for layer in layers}
+
+
+class _SecondMoment:
+    """A forward hook that adds ``k k^T`` of its module's inputs, over unpadded tokens, to a sum."""
+
+    def __init__(self, d_k: int, device: torch.device) -> None:
+        self.total = torch.zeros(d_k, d_k, dtype=torch.float64, device=device)
+        self.count = 0
+        self.mask: torch.Tensor | None = None
+
+    def __call__(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        keys = args[0].reshape(-1, self.total.shape[0])
+        if self.mask is not None:
+            keys = keys[self.mask.reshape(-1).bool()]
+        keys = keys.double()
+        self.total += keys.T @ keys
+        self.count += keys.shape[0]
+
+
+def _compute(
+    loaded: LoadedModel, layers: tuple[int, ...], params: StatsParams, label: str, files: list[Path]
+) -> dict[int, KeyStatistics]:
+    names = [loaded.spec.mlp_out_of(layer) for layer in layers]
+    d_k = _key_width(loaded, names[0])
+    moments = {name: _SecondMoment(d_k, loaded.device) for name in names}
+    started = time.time()
+    with forward_hooks(loaded.model, moments), torch.no_grad():
+        if label == MODEL_SOURCE:
+            _sample_from_model(loaded, params, moments[names[0]])
+        else:
+            _read_text(loaded, params, files, moments, stop_after=names[-1])
+    provenance_base = {
+        "model": loaded.identity,
+        "model_source": loaded.source,
+        "source": label if label == MODEL_SOURCE else params.source,
+        "source_id": label,
+        "files": [str(f) for f in files],
+        "requested_tokens": params.n_tokens,
+        "seq_len": params.seq_len,
+        "seed": params.seed,
+        "dtype": str(loaded.dtype),
+        "seconds": round(time.time() - started, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return {
+        layer: KeyStatistics(
+            layer,
+            moments[name].total.cpu(),
+            moments[name].count,
+            {**provenance_base, "layer": layer, "module": name, "tokens": moments[name].count},
+        )
+        for layer, name in zip(layers, names, strict=True)
+    }
+
+
+def _key_width(loaded: LoadedModel, name: str) -> int:
+    weight = loaded.model.get_submodule(name).weight
+    return int(weight.shape[0] if loaded.spec.weight_transposed else weight.shape[1])
+
+
+def _sample_from_model(loaded: LoadedModel, params: StatsParams, counter: _SecondMoment) -> None:
+    """Sample text from the model and collect keys from the very forward passes that produce it."""
+    tok = loaded.tokenizer
+    generator = torch.Generator(device="cpu").manual_seed(params.seed)
+    bar = tqdm(total=params.n_tokens, desc="C0 from model samples", unit="tok", leave=False)
+    round_ = 0
+    with torch.random.fork_rng(devices=[loaded.device] if loaded.device.type == "cuda" else []):
+        while counter.count < params.n_tokens:
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            starts = [
+                _SAMPLE_STARTS[(round_ * params.batch_size + i) % len(_SAMPLE_STARTS)] for i in range(params.batch_size)
+            ]
+            enc = tok(starts, return_tensors="pt", padding=True, padding_side="left").to(loaded.device)
+            before = counter.count
+            loaded.model.generate(
+                **enc,
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                max_new_tokens=params.seq_len,
+                min_new_tokens=params.seq_len,
+                pad_token_id=tok.pad_token_id,
+            )
+            bar.update(counter.count - before)
+            round_ += 1
+    bar.close()
+
+
+def _read_text(
+    loaded: LoadedModel, params: StatsParams, files: list[Path], moments: dict[str, _SecondMoment], stop_after: str
+) -> None:
+    """Run the model over windows of the given text, stopping each pass at the last edited layer."""
+    tok = loaded.tokenizer
+    ids: list[int] = []
+    for file in files:
+        for paragraph in file.read_text(errors="replace").split("\n"):
+            if paragraph.strip():
+                ids.extend(tok(paragraph.strip() + "\n", add_special_tokens=False).input_ids)
+            if len(ids) >= params.n_tokens:
+                break
+        if len(ids) >= params.n_tokens:
+            break
+    windows = [ids[i : i + params.seq_len] for i in range(0, min(len(ids), params.n_tokens), params.seq_len)]
+    bar = tqdm(total=sum(len(w) for w in windows), desc="C0 from text", unit="tok", leave=False)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for start in range(0, len(windows), params.batch_size):
+        chunk = windows[start : start + params.batch_size]
+        width = max(len(w) for w in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for i, window in enumerate(chunk):
+            input_ids[i, : len(window)] = torch.tensor(window)
+            mask[i, : len(window)] = 1
+        for moment in moments.values():
+            moment.mask = mask.to(loaded.device)
+        with capture_inputs(loaded.model, [], stop_after=stop_after):
+            run_until_stopped(
+                loaded.model, input_ids=input_ids.to(loaded.device), attention_mask=mask.to(loaded.device)
+            )
+        bar.update(int(mask.sum()))
+    bar.close()
+    for moment in moments.values():
+        moment.mask = None
