@@ -29,14 +29,15 @@ CLAIM_BATCH = 7
 DEADLINE_S = 120.0
 
 
-def submit_corrections(url: str, submitter: int, count: int, prompt: str) -> list[int]:
-    """One submitting process: ``count`` separate transactions."""
+def submit_corrections(url: str, submitter: int, count: int, same_fact: bool = False) -> list[int]:
+    """One submitting process, one transaction per correction: distinct facts, or one fact again."""
     engine = make_engine(url)
     sessions = session_factory(engine)
     ids = []
     try:
         for index in range(count):
-            correction = make_correction(prompt, f"subject {submitter}-{index}", "English")
+            subject = "Danielle Darrieux" if same_fact else f"subject {submitter}-{index}"
+            correction = make_correction("The mother tongue of {} is", subject, f"Lang {submitter}-{index}")
             with sessions.begin() as session:
                 ids.append(submit(session, correction, f"submitter-{submitter}"))
     finally:
@@ -69,10 +70,7 @@ def test_concurrent_submitters_and_claimers(db_url, sessions):
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(SUBMITTERS + CLAIMERS, mp_context=context) as pool:
         claimers = [pool.submit(claim_until_done, db_url, f"claimer-{i}", TOTAL) for i in range(CLAIMERS)]
-        submitters = [
-            pool.submit(submit_corrections, db_url, i, PER_SUBMITTER, "The mother tongue of {} is")
-            for i in range(SUBMITTERS)
-        ]
+        submitters = [pool.submit(submit_corrections, db_url, i, PER_SUBMITTER) for i in range(SUBMITTERS)]
         submitted = [new_id for future in submitters for new_id in future.result()]
         claims = [future.result() for future in claimers]
 
@@ -94,7 +92,7 @@ def test_concurrent_resubmissions_leave_one_pending(db_url, sessions):
     """Racing submissions of the same fact supersede each other; exactly one stays pending."""
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(SUBMITTERS, mp_context=context) as pool:
-        futures = [pool.submit(_resubmit_same_fact, db_url, i, 25) for i in range(SUBMITTERS)]
+        futures = [pool.submit(submit_corrections, db_url, i, 25, True) for i in range(SUBMITTERS)]
         submitted = [new_id for future in futures for new_id in future.result()]
     with sessions() as session:
         rows = session.scalars(select(Correction)).all()
@@ -106,19 +104,3 @@ def test_concurrent_resubmissions_leave_one_pending(db_url, sessions):
         assert len(superseded) == len(rows) - 1
         assert all(row.superseded_by is not None and row.superseded_by > row.id for row in superseded)
         assert verify_chain(session) is None
-
-
-def _resubmit_same_fact(url: str, submitter: int, count: int) -> list[int]:
-    engine = make_engine(url)
-    sessions = session_factory(engine)
-    ids = []
-    try:
-        for index in range(count):
-            correction = make_correction(
-                "The mother tongue of {} is", "Danielle Darrieux", f"Lang {submitter}-{index}"
-            )
-            with sessions.begin() as session:
-                ids.append(submit(session, correction, f"submitter-{submitter}"))
-    finally:
-        engine.dispose()
-    return ids
