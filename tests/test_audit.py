@@ -34,9 +34,7 @@ def test_chain_links_each_event_to_the_previous(sessions):
 
 def test_payload_is_stored_as_it_is_hashed(sessions):
     with sessions.begin() as session:
-        checkpoint = Checkpoint(
-            path="checkpoints/1.safetensors", sha256="ab" * 32, size_bytes=10, base_model="m"
-        )
+        checkpoint = Checkpoint(path="checkpoints/1.safetensors", sha256="ab" * 32, size_bytes=10, base_model="m")
         session.add(checkpoint)
         session.flush()
         append_event(

@@ -130,9 +130,7 @@ def test_show_tells_the_whole_story_with_edit_and_metrics(metake, sessions):
     submit_ok(metake, *DARRIEUX, "--target", "English", "--original", "French")
     with sessions.begin() as session:
         batch = claim_batch(session, 1, "daemon-1")
-        before = Checkpoint(
-            path="checkpoints/0.safetensors", sha256="a" * 64, size_bytes=100, base_model="smollm2"
-        )
+        before = Checkpoint(path="checkpoints/0.safetensors", sha256="a" * 64, size_bytes=100, base_model="smollm2")
         session.add(before)
         session.flush()
         after = Checkpoint(
@@ -281,9 +279,7 @@ BAD_SUBMISSIONS = [
         "the paraphrase 1 contains '{}'; write the subject out in full",
         id="template-paraphrase",
     ),
-    pytest.param(
-        [*DARRIEUX, "--target", "English", "--as", " "], "the submitter name is empty", id="empty-submitter"
-    ),
+    pytest.param([*DARRIEUX, "--target", "English", "--as", " "], "the submitter name is empty", id="empty-submitter"),
 ]
 
 
@@ -294,9 +290,7 @@ def test_bad_submission_writes_nothing(metake, row_counts, args, message):
 
 
 def test_usage_errors_are_one_line_and_write_nothing(metake, row_counts, tmp_path):
-    one_line_error(
-        metake("submit", "--prompt", PROMPT), "give --prompt, --subject and --target, or --file", 2
-    )
+    one_line_error(metake("submit", "--prompt", PROMPT), "give --prompt, --subject and --target, or --file", 2)
     one_line_error(
         metake("submit", *DARRIEUX, "--target", "x", "--file", str(tmp_path / "f.jsonl")),
         "--file cannot be combined with --prompt/--subject/--target/--original/...",
@@ -344,9 +338,7 @@ def test_unknown_id(metake, row_counts):
 
 def test_unreadable_file(metake, row_counts, tmp_path):
     missing = tmp_path / "missing.jsonl"
-    one_line_error(
-        metake("submit", "--file", str(missing)), f"cannot read {missing}: No such file or directory"
-    )
+    one_line_error(metake("submit", "--file", str(missing)), f"cannot read {missing}: No such file or directory")
     one_line_error(metake("submit", "--file", str(tmp_path)), f"cannot read {tmp_path}: Is a directory")
     binary = tmp_path / "binary.jsonl"
     binary.write_bytes(b'{"prompt": "{} is", "subject": "s", "target": "t"}\n\x80\x81\n')
@@ -356,9 +348,7 @@ def test_unreadable_file(metake, row_counts, tmp_path):
 
 def test_malformed_json_list_names_the_line(metake, row_counts, tmp_path):
     broken = tmp_path / "broken.json"
-    broken.write_text(
-        '[\n  {"prompt": "{} is", "subject": "s", "target": "t"},\n  {"prompt": "{} is",,}\n]\n'
-    )
+    broken.write_text('[\n  {"prompt": "{} is", "subject": "s", "target": "t"},\n  {"prompt": "{} is",,}\n]\n')
     one_line_error(
         metake("submit", "--file", str(broken)),
         f"{broken}: line 3: malformed JSON: Expecting property name enclosed in double quotes (column 22)",
@@ -417,9 +407,7 @@ def test_unreachable_database_hides_the_password(tmp_path):
     url = "postgresql+psycopg://metake:s3cret-pw@127.0.0.1:1/metake"
     result = CliRunner().invoke(main, ["--home", str(tmp_path), "--db", url, "queue"])
     assert result.exit_code == 1
-    assert result.stderr.startswith(
-        "Error: cannot reach database postgresql+psycopg://metake:***@127.0.0.1:1/metake: "
-    )
+    assert result.stderr.startswith("Error: cannot reach database postgresql+psycopg://metake:***@127.0.0.1:1/metake: ")
     assert len(result.stderr.splitlines()) == 1
     assert "s3cret-pw" not in result.output
 

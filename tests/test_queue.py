@@ -111,12 +111,8 @@ def test_claim_order_is_priority_then_submission(sessions):
         assert claim_batch(session, 10, "w3") == []
     with sessions() as session:
         claimed = [(kind, cid, actor) for kind, cid, actor in events(session) if kind == "claimed"]
-        assert claimed == [
-            ("claimed", i, w) for i, w in [(b, "w1"), (d, "w1"), (a, "w1"), (c, "w2"), (e, "w2")]
-        ]
-        assert session.scalars(select(AuditEvent).where(AuditEvent.kind == "claimed")).first().payload == {
-            "attempt": 1
-        }
+        assert claimed == [("claimed", i, w) for i, w in [(b, "w1"), (d, "w1"), (a, "w1"), (c, "w2"), (e, "w2")]]
+        assert session.scalars(select(AuditEvent).where(AuditEvent.kind == "claimed")).first().payload == {"attempt": 1}
 
 
 def test_claim_rejects_a_zero_batch(sessions):
@@ -160,9 +156,7 @@ def test_settling_claimed_corrections(sessions):
         mark_rejected(session, batch[3], "subject merges with the next token", worker="w")
     with sessions() as session:
         rows = {i: session.get(Correction, i) for i in ids}
-        assert [(rows[i].status, rows[i].edit_id) for i in ids[:2]] == [
-            (CorrectionStatus.APPLIED, edit_id)
-        ] * 2
+        assert [(rows[i].status, rows[i].edit_id) for i in ids[:2]] == [(CorrectionStatus.APPLIED, edit_id)] * 2
         assert (rows[ids[2]].status, rows[ids[2]].last_error) == (
             CorrectionStatus.PENDING,
             "CUDA out of memory",

@@ -18,9 +18,7 @@ from storage.records import (
     read_corrections_file,
 )
 
-COUNTERFACT_FILE = (
-    Path(__file__).resolve().parents[2] / "shared/data/counterfact/easyedit_counterfact-val.json"
-)
+COUNTERFACT_FILE = Path(__file__).resolve().parents[2] / "shared/data/counterfact/easyedit_counterfact-val.json"
 
 DARRIEUX = {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target": "English"}
 COUNTERFACT_RECORD = {
@@ -124,9 +122,7 @@ def test_bad_optional_fields_are_rejected(extra, message):
 
 
 def test_paraphrases_may_span_lines_like_counterfact_ones():
-    correction = correction_from_record(
-        DARRIEUX | {"paraphrases": ["Once upon a time.\n Danielle Darrieux\tspeaks"]}
-    )
+    correction = correction_from_record(DARRIEUX | {"paraphrases": ["Once upon a time.\n Danielle Darrieux\tspeaks"]})
     assert correction.paraphrases == ("Once upon a time.\n Danielle Darrieux\tspeaks",)
 
 
@@ -184,9 +180,7 @@ def test_json_list_records_carry_their_starting_line():
     records = [DARRIEUX, DARRIEUX | {"prompt": "no placeholder"}, COUNTERFACT_RECORD]
     parsed = parse_corrections_text(json.dumps(records, indent=2))
     assert [line for line, _ in parsed.corrections] == [2, 12]
-    assert [str(error) for error in parsed.errors] == [
-        "line 7: the prompt has no '{}' where the subject goes"
-    ]
+    assert [str(error) for error in parsed.errors] == ["line 7: the prompt has no '{}' where the subject goes"]
 
 
 def test_single_pretty_printed_object_is_one_record():

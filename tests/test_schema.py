@@ -67,9 +67,7 @@ def test_unknown_revision_asks_for_a_newer_metake(db_url):
     try:
         with connect(engine) as connection, connection.begin():
             connection.execute(text("UPDATE alembic_version SET version_num = 'ffffffffffff'"))
-        with pytest.raises(
-            SchemaNotCurrent, match="revision ffffffffffff, which this version of metake does not"
-        ):
+        with pytest.raises(SchemaNotCurrent, match="revision ffffffffffff, which this version of metake does not"):
             require_current_revision(engine)
     finally:
         engine.dispose()
