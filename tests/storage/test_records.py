@@ -18,7 +18,7 @@ from storage.records import (
     read_corrections_file,
 )
 
-COUNTERFACT_FILE = Path(__file__).resolve().parents[2] / "shared/data/counterfact/easyedit_counterfact-val.json"
+COUNTERFACT_FILE = Path(__file__).resolve().parents[3] / "shared/data/counterfact/easyedit_counterfact-val.json"
 
 DARRIEUX = {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target": "English"}
 COUNTERFACT_RECORD = {
