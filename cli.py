@@ -84,16 +84,14 @@ class IsoTime(click.ParamType):
         try:
             parsed = datetime.fromisoformat(value)
         except ValueError:
-            self.fail(
-                f"{value!r} is not an ISO 8601 date or time (e.g. 2025-01-31 or 2025-01-31T14:00)", param, ctx
-            )
+            self.fail(f"{value!r} is not an ISO 8601 date or time (e.g. 2025-01-31 or 2025-01-31T14:00)", param, ctx)
         return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 def json_option(function: CommandFunction) -> CommandFunction:
-    return click.option(
-        "--json", "as_json", is_flag=True, help="Print a JSON list of objects instead of a table."
-    )(function)
+    return click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects instead of a table.")(
+        function
+    )
 
 
 def print_json(rows: list[dict[str, Any]]) -> None:
@@ -170,15 +168,11 @@ def db_upgrade(store: StoreContext) -> None:
 
 
 @main.command()
-@click.option(
-    "--prompt", help="Template with one '{}' where the subject goes, e.g. 'The mother tongue of {} is'."
-)
+@click.option("--prompt", help="Template with one '{}' where the subject goes, e.g. 'The mother tongue of {} is'.")
 @click.option("--subject", help="The subject, e.g. 'Danielle Darrieux'.")
 @click.option("--target", help="The correct answer, e.g. 'English'.")
 @click.option("--original", "original_answer", help="The answer the model gives now (measured before/after).")
-@click.option(
-    "--paraphrase", "paraphrases", multiple=True, help="Another wording, subject written out. Repeatable."
-)
+@click.option("--paraphrase", "paraphrases", multiple=True, help="Another wording, subject written out. Repeatable.")
 @click.option(
     "--neighbor",
     "neighbors",
@@ -198,9 +192,7 @@ def db_upgrade(store: StoreContext) -> None:
     help="JSON Lines or JSON list of corrections or CounterFact records ('-' for stdin).",
 )
 @click.option("--skip-invalid", is_flag=True, help="With --file: import the valid records, list the others.")
-@click.option(
-    "--as", "submitter", default=None, help="Name to record as submitter [default: your login name]."
-)
+@click.option("--as", "submitter", default=None, help="Name to record as submitter [default: your login name].")
 @click.pass_obj
 def submit(
     store: StoreContext,
@@ -224,9 +216,7 @@ def submit(
     if file is not None:
         single_fields = (prompt, subject, target, original_answer)
         if any(value is not None for value in single_fields) or paraphrases or neighbors:
-            raise click.UsageError(
-                "--file cannot be combined with --prompt/--subject/--target/--original/..."
-            )
+            raise click.UsageError("--file cannot be combined with --prompt/--subject/--target/--original/...")
         corrections = _corrections_from_file(file, skip_invalid, priority)
     else:
         if prompt is None or subject is None or target is None:
@@ -322,9 +312,7 @@ def queue(store: StoreContext, statuses: tuple[str, ...], as_json: bool) -> None
 @click.option("--subject", help="Only corrections of this subject (exact match).")
 @click.option("--since", type=IsoTime(), help="Submitted at or after this time (UTC unless a zone is given).")
 @click.option("--until", type=IsoTime(), help="Submitted before this time.")
-@click.option(
-    "--status", "statuses", type=STATUS_CHOICE, multiple=True, help="Only these statuses. Repeatable."
-)
+@click.option("--status", "statuses", type=STATUS_CHOICE, multiple=True, help="Only these statuses. Repeatable.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many rows.")
 @json_option
 @click.pass_obj
@@ -396,9 +384,7 @@ def _print_story(story: CorrectionStory) -> None:
     if story.edit is not None:
         e = story.edit
         finished = iso(e.finished_at) or "unfinished"
-        click.echo(
-            f"edit {e.id}: {e.method} on {e.model}, layers {e.layers}, {iso(e.started_at)} .. {finished},"
-        )
+        click.echo(f"edit {e.id}: {e.method} on {e.model}, layers {e.layers}, {iso(e.started_at)} .. {finished},")
         click.echo(f"  checkpoint {e.checkpoint_before_id} -> {e.checkpoint_after_id}")
     if story.metrics:
         click.echo("metrics:")

@@ -164,6 +164,5 @@ def require_current_revision(engine: Engine) -> None:
                 f"know (it needs {', '.join(heads)}); install a newer metake"
             ) from error
     raise SchemaNotCurrent(
-        f"database {where} is at revision {', '.join(current)} but this metake needs "
-        f"{', '.join(heads)}; {UPGRADE_HINT}"
+        f"database {where} is at revision {', '.join(current)} but this metake needs {', '.join(heads)}; {UPGRADE_HINT}"
     )

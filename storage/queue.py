@@ -161,9 +161,7 @@ def mark_applied(session: Session, corrections: Sequence[Correction], edit_id: i
     session.flush()
 
 
-def mark_failed(
-    session: Session, correction: Correction, reason: str, *, worker: str, retry: bool = False
-) -> None:
+def mark_failed(session: Session, correction: Correction, reason: str, *, worker: str, retry: bool = False) -> None:
     """Record a failed attempt: back to pending when ``retry``, else failed for good."""
     current = _lock_claimed(session, correction, worker, "marked failed")
     current.status = CorrectionStatus.PENDING if retry else CorrectionStatus.FAILED
@@ -185,7 +183,5 @@ def mark_rejected(session: Session, correction: Correction, reason: str, *, work
     current = _lock_claimed(session, correction, worker, "rejected")
     current.status = CorrectionStatus.REJECTED
     current.last_error = reason
-    append_event(
-        session, AuditKind.REJECTED, actor=worker, correction_id=current.id, payload={"reason": reason}
-    )
+    append_event(session, AuditKind.REJECTED, actor=worker, correction_id=current.id, payload={"reason": reason})
     session.flush()

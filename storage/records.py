@@ -25,9 +25,7 @@ PRIORITY_LIMIT = 1_000_000
 SUBMITTER_MAX_CHARS = 100
 # Bidirectional embedding/override/isolate marks: invisible, and able to disguise text.
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-_PLAIN_KEYS = frozenset(
-    {"prompt", "subject", "target", "paraphrases", "neighbors", "priority", "original_answer"}
-)
+_PLAIN_KEYS = frozenset({"prompt", "subject", "target", "paraphrases", "neighbors", "priority", "original_answer"})
 _COUNTERFACT_KEYS = frozenset(
     {
         "case_id",
@@ -164,9 +162,7 @@ def make_correction(
     if isinstance(neighbors, str) or not isinstance(neighbors, Sequence):
         raise InvalidInput(f"the neighbors must be a list of {{prompt, answer}}, not {_json_type(neighbors)}")
     clean_neighbors = tuple(_neighbor(item, index) for index, item in enumerate(neighbors, 1))
-    clean_original = (
-        None if original_answer is None else _text(original_answer, "original answer", TARGET_MAX_CHARS)
-    )
+    clean_original = None if original_answer is None else _text(original_answer, "original answer", TARGET_MAX_CHARS)
     return CorrectionInput(
         prompt=clean_prompt,
         subject=clean_subject,
@@ -231,9 +227,7 @@ def _from_counterfact(record: dict[str, Any], default_priority: int) -> Correcti
         raise InvalidInput("the prompt of a CounterFact record must have the subject written out, not '{}'")
     neighbors: list[dict[str, Any]] = []
     if record.get("locality_prompt") is not None or record.get("locality_ground_truth") is not None:
-        neighbors.append(
-            {"prompt": record.get("locality_prompt"), "answer": record.get("locality_ground_truth")}
-        )
+        neighbors.append({"prompt": record.get("locality_prompt"), "answer": record.get("locality_ground_truth")})
     rephrase = record.get("rephrase_prompt")
     case_id = record.get("case_id")
     return make_correction(
@@ -340,9 +334,7 @@ def _json_list_items(text: str) -> Iterator[tuple[int, Any]]:
         try:
             value, end = decoder.raw_decode(text, position)
         except json.JSONDecodeError as error:
-            raise InvalidInput(
-                f"line {error.lineno}: malformed JSON: {error.msg} (column {error.colno})"
-            ) from error
+            raise InvalidInput(f"line {error.lineno}: malformed JSON: {error.msg} (column {error.colno})") from error
         yield line_at(position), value
         position = _skip_space(text, end)
         if position >= len(text):

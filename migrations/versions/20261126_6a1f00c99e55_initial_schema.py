@@ -29,9 +29,7 @@ def upgrade() -> None:
         sa.Column("pruned", sa.Boolean(), nullable=False),
         sa.Column("pruned_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("manifest", sa.JSON(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["parent_id"], ["checkpoints.id"], name=op.f("fk_checkpoints_parent_id_checkpoints")
-        ),
+        sa.ForeignKeyConstraint(["parent_id"], ["checkpoints.id"], name=op.f("fk_checkpoints_parent_id_checkpoints")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_checkpoints")),
     )
     op.create_table(
@@ -99,9 +97,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_corrections")),
     )
     with op.batch_alter_table("corrections", schema=None) as batch_op:
-        batch_op.create_index(
-            "ix_corrections_claim_order", ["status", "priority", "submitted_at"], unique=False
-        )
+        batch_op.create_index("ix_corrections_claim_order", ["status", "priority", "submitted_at"], unique=False)
         batch_op.create_index(batch_op.f("ix_corrections_edit_id"), ["edit_id"], unique=False)
         batch_op.create_index("ix_corrections_subject", ["subject"], unique=False)
 
