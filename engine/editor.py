@@ -85,7 +85,9 @@ class Editor:
         self.stats: dict[int, KeyStatistics] = key_statistics(loaded, hparams.layers, hparams.stats, cache_dir)
         model_dir = cache_dir / loaded.identity.removeprefix("sha256:")[:16] if cache_dir else None
         self.projectors: dict[int, Projector] = {
-            layer: projector_for(self.stats[layer], hparams.solver.nullspace_threshold, model_dir)
+            layer: projector_for(
+                self.stats[layer], hparams.solver.nullspace_threshold, model_dir, hparams.solver.nullspace_relative
+            )
             for layer in hparams.layers
         }
         device = loaded.device

@@ -44,7 +44,9 @@ class SolverParams:
     mom2_weight: float = 15000.0
     """MEMIT's lambda in front of ``C0``."""
     nullspace_threshold: float = 2e-2
-    """Eigenvalues of ``C0`` below this (raw) span the null space the projector keeps."""
+    """Eigenvalues of ``C0`` below this span the null space the projector keeps."""
+    nullspace_relative: bool = False
+    """Read the threshold as a share of the largest eigenvalue instead of a raw value."""
 
 
 @dataclass(frozen=True)

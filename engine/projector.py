@@ -39,23 +39,25 @@ class Projector:
         return hashlib.sha256(self.matrix.cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def null_space_projector(stats: KeyStatistics, threshold: float) -> Projector:
+def null_space_projector(stats: KeyStatistics, threshold: float, relative: bool = False) -> Projector:
     eigenvalues, eigenvectors = torch.linalg.eigh(stats.mean.double())
-    null = eigenvectors[:, eigenvalues < threshold]
+    cut = threshold * float(eigenvalues.max()) if relative else threshold
+    null = eigenvectors[:, eigenvalues < cut]
     return Projector(stats.layer, null @ null.T, int(null.shape[1]), threshold, stats.sha256)
 
 
-def projector_for(stats: KeyStatistics, threshold: float, cache_dir: Path | None) -> Projector:
+def projector_for(stats: KeyStatistics, threshold: float, cache_dir: Path | None, relative: bool = False) -> Projector:
     """The projector for ``stats`` at ``threshold``, read from or written to ``cache_dir``."""
     if cache_dir is None:
-        return null_space_projector(stats, threshold)
-    path = cache_dir / f"projector-{stats.sha256[:16]}-{threshold:g}.safetensors"
+        return null_space_projector(stats, threshold, relative)
+    mode = "rel" if relative else "abs"
+    path = cache_dir / f"projector-{stats.sha256[:16]}-{mode}{threshold:g}.safetensors"
     if path.exists():
         with safe_open(path, framework="pt") as handle:
             meta = handle.metadata()
             matrix = handle.get_tensor("matrix")
         return Projector(stats.layer, matrix, int(meta["kept"]), float(meta["threshold"]), meta["c0_sha256"])
-    projector = null_space_projector(stats, threshold)
+    projector = null_space_projector(stats, threshold, relative)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
@@ -63,6 +65,7 @@ def projector_for(stats: KeyStatistics, threshold: float, cache_dir: Path | None
         "layer": str(stats.layer),
         "kept": str(projector.kept),
         "threshold": repr(threshold),
+        "relative": str(relative),
         "c0_sha256": stats.sha256,
         "module": str(stats.provenance.get("module", "")),
         "model": str(stats.provenance.get("model", "")),

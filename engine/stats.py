@@ -212,7 +212,8 @@ def _read_text(
                 break
         if len(ids) >= params.n_tokens:
             break
-    windows = [ids[i : i + params.seq_len] for i in range(0, min(len(ids), params.n_tokens), params.seq_len)]
+    ids = ids[: params.n_tokens]
+    windows = [ids[i : i + params.seq_len] for i in range(0, len(ids), params.seq_len)]
     bar = tqdm(total=sum(len(w) for w in windows), desc="C0 from text", unit="tok", leave=False)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for start in range(0, len(windows), params.batch_size):

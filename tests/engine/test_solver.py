@@ -1,0 +1,131 @@
+"""The closed-form constrained update: null-space property, method equivalences, failures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import REQUESTS, tiny_hparams
+
+from engine.editor import EditFailed, Editor
+from engine.requests import EditRequest
+from engine.solver import Constraint, SolveFailed, update_operator
+
+
+def _weights(editor: Editor) -> dict[str, torch.Tensor]:
+    return editor.edited_weights()
+
+
+def test_alphaedit_update_leaves_preserved_keys_unchanged(tiny, tiny_dirs):
+    editor = Editor(tiny, tiny_hparams(tiny_dirs, "alphaedit"))
+    before = _weights(editor)
+    outcome = editor.apply(REQUESTS[:2], editor.new_state())
+    assert len(outcome.applied) == 2
+    after = _weights(editor)
+    torch.manual_seed(1)
+    for layer in editor.hparams.layers:
+        name = f"{tiny.spec.mlp_out_of(layer)}.weight"
+        change = (after[name] - before[name]).double()
+        change = change.T if tiny.spec.weight_transposed else change  # (out, in)
+        projector = editor.projectors[layer].matrix
+        preserved = (torch.eye(projector.shape[0], dtype=torch.float64) - projector) @ torch.randn(
+            projector.shape[0], 16, dtype=torch.float64
+        )
+        assert 0 < editor.projectors[layer].kept < projector.shape[0]
+        assert change.norm() > 0
+        # The stored weights are float32, so the change carries rounding of about eps32 * ||W||
+        # (~1e-5 of ||dW|| here); a random update of the same shape leaks ~0.1.
+        leak = (change @ preserved).norm() / (change.norm() * preserved.norm())
+        unprojected = torch.randn_like(change)
+        baseline = (unprojected @ preserved).norm() / (unprojected.norm() * preserved.norm())
+        assert leak < 1e-3 < 0.03 < baseline, f"layer {layer}: leak {leak}, baseline {baseline}"
+
+
+def test_metake_without_outer_loop_gives_alphaedits_weights_and_state(tiny_dirs):
+    from engine.models import load_model
+
+    results = []
+    for method, changes in (("alphaedit", {}), ("metake", {"outer": {"steps": 0}})):
+        loaded = load_model(tiny_dirs["llama"], device="cpu")
+        editor = Editor(loaded, tiny_hparams(tiny_dirs, method, **changes))
+        state = editor.new_state()
+        for request in REQUESTS:
+            state = editor.apply([request], state).state
+        results.append((editor.edited_weights(), state))
+    (w_alpha, s_alpha), (w_meta, s_meta) = results
+    assert all(torch.equal(w_alpha[k], w_meta[k]) for k in w_alpha)
+    assert s_alpha.equals(s_meta)
+
+
+def test_metake_outer_loop_changes_the_plan(tiny_dirs):
+    from engine.models import load_model
+
+    weights = []
+    for steps in (0, 4):
+        loaded = load_model(tiny_dirs["llama"], device="cpu")
+        editor = Editor(loaded, tiny_hparams(tiny_dirs, "metake", outer={"steps": steps, "target_margin": 5.0}))
+        outcome = editor.apply(REQUESTS[:1], editor.new_state())
+        assert outcome.applied[0].outer_steps == steps
+        weights.append(editor.edited_weights())
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_memit_gain_is_below_alphaedit_gain(tiny_dirs):
+    """MEMIT's lambda C0 suppresses the realised share of the plan; AlphaEdit's projector less so."""
+    from engine.models import load_model
+
+    gains = {}
+    for method in ("memit", "alphaedit"):
+        loaded = load_model(tiny_dirs["llama"], device="cpu")
+        editor = Editor(loaded, tiny_hparams(tiny_dirs, method))
+        gains[method] = editor.apply(REQUESTS[:1], editor.new_state()).applied[0].realised_gain
+    assert 0 < gains["memit"] < gains["alphaedit"] < 1
+
+
+def test_singular_system_raises_solve_failed():
+    zeros = torch.zeros(4, 4, dtype=torch.float64)
+    with pytest.raises(SolveFailed, match="singular"):
+        update_operator(torch.zeros(4, 1), Constraint(None, zeros, 0.0))
+
+
+def test_nan_in_the_solve_rolls_back_weights_and_state(tiny, tiny_dirs):
+    editor = Editor(tiny, tiny_hparams(tiny_dirs, "alphaedit"))
+    state = editor.new_state()
+    poisoned = state.after_batch(
+        {layer: torch.full_like(state.constraints[layer], float("nan")) for layer in state.layers}, 0
+    )
+    before = editor.edited_weights()
+    with pytest.raises(EditFailed, match="NaN or infinite"):
+        editor.apply(REQUESTS[:1], poisoned)
+    after = editor.edited_weights()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert poisoned.steps == 1 and torch.isnan(poisoned.constraints[1]).all()
+
+
+def test_request_the_tokenizer_cannot_place_is_rejected_and_nothing_changes(tiny, tiny_dirs):
+    editor = Editor(tiny, tiny_hparams(tiny_dirs, "alphaedit"))
+    state = editor.new_state()
+    before = editor.edited_weights()
+    bad = EditRequest("{}is is a city", "Par", "Rome")  # "Paris" is one token: "Par" has no last token of its own
+    outcome = editor.apply([bad], state)
+    assert outcome.applied == []
+    assert len(outcome.rejected) == 1 and "cannot be located" in outcome.rejected[0][1]
+    assert outcome.state is state
+    after = editor.edited_weights()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    ("request_", "reason"),
+    [
+        (EditRequest("The capital of France is", "France", "Rome"), "exactly one '{}'"),
+        (EditRequest("{} and {} are", "France", "Rome"), "exactly one '{}'"),
+        (EditRequest("The capital of {} is", "France", "   "), "target is empty"),
+        (EditRequest("The capital of {} is", "Fra\x07nce", "Rome"), "control characters"),
+    ],
+)
+def test_malformed_requests_are_rejected_with_reason(tiny, tiny_dirs, request_, reason):
+    editor = Editor(tiny, tiny_hparams(tiny_dirs, "alphaedit"))
+    outcome = editor.apply([request_, REQUESTS[0]], editor.new_state())
+    assert [r.key for r in outcome.applied] == ["1"]
+    assert reason in outcome.rejected[0][1]
+    assert outcome.state.steps == 1 and outcome.state.edits == 1
