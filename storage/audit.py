@@ -46,6 +46,9 @@ class AuditKind(enum.StrEnum):
     REVERTED = "reverted"
     CHECKPOINT_WRITTEN = "checkpoint_written"
     CHECKPOINT_PRUNED = "checkpoint_pruned"
+    REVERT_REFUSED = "revert_refused"
+    LEASE_ACQUIRED = "lease_acquired"
+    HEALTH_CHECKED = "health_checked"
 
 
 @dataclass(frozen=True)

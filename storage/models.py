@@ -53,6 +53,14 @@ class CorrectionStatus(enum.StrEnum):
     REVERTED = "reverted"
 
 
+class RevertStatus(enum.StrEnum):
+    """Where a revert request is: waiting for the daemon, performed, or refused with a reason."""
+
+    PENDING = "pending"
+    DONE = "done"
+    REFUSED = "refused"
+
+
 class Phase(enum.StrEnum):
     """Whether a metric was measured before or after its edit."""
 
@@ -199,6 +207,39 @@ class AuditEvent(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class DaemonLease(Base):
+    """Who may edit one base model now: one writer at a time, taken over once the lease expires.
+
+    ``generation`` goes up with every new holder, so a writer that lost its lease while busy can
+    tell at commit time that its batch is no longer its to record.
+    """
+
+    __tablename__ = "daemon_leases"
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    generation: Mapped[int] = mapped_column(default=1)
+    acquired_at: Mapped[datetime]
+    renewed_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+
+
+class RevertRequest(Base):
+    """A request to bring the model back to a checkpoint, performed by the daemon between batches."""
+
+    __tablename__ = "revert_requests"
+    __table_args__ = (Index("ix_revert_requests_status", "status", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id"))
+    requested_by: Mapped[str] = mapped_column(String(100))
+    requested_at: Mapped[datetime] = mapped_column(default=utcnow)
+    status: Mapped[RevertStatus] = mapped_column(_str_enum(RevertStatus, "revert_status"), default=RevertStatus.PENDING)
+    settled_at: Mapped[datetime | None]
+    result_checkpoint_id: Mapped[int | None] = mapped_column(ForeignKey("checkpoints.id"))
+    reason: Mapped[str | None] = mapped_column(Text)
 
 
 @sa_event.listens_for(AuditEvent, "before_update")
