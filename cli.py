@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import click
 
+from daemon.commands import COMMANDS
 from storage.audit import event_count, verify_chain
 from storage.context import StoreContext
 from storage.db import current_revisions
@@ -29,6 +30,7 @@ from storage.queries import (
     all_checkpoints,
     correction_history,
     correction_story,
+    metrics_by_correction,
     queued_corrections,
 )
 from storage.queue import submit_many
@@ -336,7 +338,13 @@ def history(
             limit=limit,
         )
         if as_json:
-            print_json([correction_to_dict(c) for c in corrections])
+            by_correction = metrics_by_correction(session, [c.id for c in corrections])
+            print_json(
+                [
+                    correction_to_dict(c) | {"metrics": [metric_to_dict(m) for m in by_correction.get(c.id, [])]}
+                    for c in corrections
+                ]
+            )
         else:
             print_table(CORRECTION_HEADERS, [_correction_row(c) for c in corrections])
 
@@ -460,6 +468,10 @@ def audit_verify(store: StoreContext, as_json: bool) -> None:
         raise click.ClickException(f"audit chain broken at event {broken.event_id}: {broken.reason}")
     if not as_json:
         click.echo(f"audit chain verified: {count} events")
+
+
+for _command in COMMANDS:
+    main.add_command(_command)
 
 
 if __name__ == "__main__":

@@ -80,5 +80,20 @@ def correction_story(session: Session, correction_id: int) -> CorrectionStory:
     return CorrectionStory(correction, events, correction.edit, metrics)
 
 
+def metrics_by_correction(session: Session, correction_ids: Collection[int]) -> dict[int, list[Metric]]:
+    """Every metric recorded about each of these corrections (its edit's and later health checks')."""
+    found: dict[int, list[Metric]] = {}
+    ids = list(correction_ids)
+    for start in range(0, len(ids), 500):  # stay well under the backends' bound-parameter limits
+        query = (
+            select(Metric)
+            .where(Metric.correction_id.in_(ids[start : start + 500]))
+            .order_by(Metric.correction_id, Metric.edit_id, Metric.name, Metric.phase, Metric.id)
+        )
+        for metric in session.scalars(query):
+            found.setdefault(metric.correction_id or 0, []).append(metric)
+    return found
+
+
 def all_checkpoints(session: Session) -> list[Checkpoint]:
     return list(session.scalars(select(Checkpoint).order_by(Checkpoint.id)))

@@ -1,0 +1,102 @@
+"""Lifelong health: perplexity on a fixed text sample (drift) and the sample itself.
+
+Edits are meant to change a few facts and nothing else. Over months of batches, small side
+effects add up, so every N batches the daemon compares the perplexity of a fixed sample under
+the current weights with the unedited model's. The sample is a user-given text file, or text the
+unedited model generated once and the data home keeps, so it never depends on outside data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+SAMPLE_FILE = "drift-sample.json"
+SAMPLE_STARTS = ("The", "In", "A", "It", "He", "She", "This", "There")
+SAMPLE_TOKENS = 48
+MAX_TEXTS = 32
+MAX_TEXT_CHARS = 2000
+
+
+def load_text_sample(path: Path) -> list[str]:
+    """Paragraphs of a user-given UTF-8 text file (blank-line separated), at most 32 of them."""
+    paragraphs = [" ".join(block.split()) for block in path.read_text(encoding="utf-8").split("\n\n")]
+    texts = [p[:MAX_TEXT_CHARS] for p in paragraphs if p][:MAX_TEXTS]
+    if not texts:
+        raise ValueError(f"{path} holds no text")
+    return texts
+
+
+@torch.no_grad()
+def generate_sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> list[str]:
+    """Short texts sampled (seeded) from the model: one per opening word in SAMPLE_STARTS."""
+    device = next(model.parameters()).device
+    encoded = tokenizer(list(SAMPLE_STARTS), return_tensors="pt", padding=True, padding_side="left").to(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(
+            **encoded,
+            do_sample=True,
+            top_k=40,
+            max_new_tokens=SAMPLE_TOKENS,
+            min_new_tokens=SAMPLE_TOKENS,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return [" ".join(text.split()) for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def stored_sample(
+    folder: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_identity: str
+) -> list[str]:
+    """The generated sample kept in ``folder``; generated (by the model as it is now) on first use.
+
+    Call it while the model is still unedited: the sample must come from the base model.
+    """
+    path = folder / SAMPLE_FILE
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored.get("model") == model_identity and stored.get("texts"):
+            return list(stored["texts"])
+    texts = generate_sample(model, tokenizer)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{SAMPLE_FILE}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump({"model": model_identity, "texts": texts}, handle, ensure_ascii=False, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return texts
+
+
+def sample_sha256(texts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()
+
+
+@torch.no_grad()
+def perplexity(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int = 8
+) -> float:
+    """exp(mean next-token negative log-likelihood) over all tokens of ``texts``."""
+    device = next(model.parameters()).device
+    total_nll = 0.0
+    total_tokens = 0
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        encoded = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="right").to(device)
+        logits = model(**encoded, use_cache=False).logits[:, :-1].float()
+        labels = encoded["input_ids"][:, 1:]
+        mask = encoded["attention_mask"][:, 1:].bool()
+        nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+        total_nll += float(nll[mask].sum())
+        total_tokens += int(mask.sum())
+    if total_tokens == 0:
+        raise ValueError("the drift sample has no tokens to score")
+    return math.exp(total_nll / total_tokens)

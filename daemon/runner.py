@@ -1,0 +1,866 @@
+"""The daemon: owns one model, applies the queue batch after batch, and can always be restarted.
+
+Each batch goes claim -> measure -> edit -> measure -> checkpoint file -> one transaction that
+records the checkpoint, edit, metrics, statuses and audit events. The model in memory only ever
+moves forward to a state whose checkpoint is committed; when anything fails before the commit
+it is put back to the last committed checkpoint and the claimed corrections return to the queue.
+A kill -9 at any point is recovered at the next start the same way (see ``_recover``).
+
+``metake apply`` calls :meth:`Daemon.apply_pending`; ``metake daemon`` calls :meth:`Daemon.serve`.
+Both use the same batch code.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from tqdm.auto import tqdm
+
+from daemon import ledger
+from daemon.checkpoint_files import (
+    CheckpointContents,
+    CheckpointFileError,
+    WrittenFile,
+    model_folder,
+    new_name,
+    read_checkpoint,
+    remove_unlisted,
+    tensors_sha256,
+    write_checkpoint,
+)
+from daemon.faults import crash_point
+from daemon.health import perplexity, sample_sha256
+from daemon.lease import (
+    Heartbeat,
+    Lease,
+    LeaseHeld,
+    LeaseLost,
+    confirm,
+    live_holder,
+    release,
+    try_acquire,
+    worker_name,
+)
+from daemon.ledger import Figure
+from daemon.lineage import applied_corrections, head_checkpoint
+from daemon.logs import log_event, progress_safe_logging
+from daemon.measure import (
+    edit_request,
+    engine_figures,
+    facts_hold,
+    generalisation_and_locality,
+    probe_for,
+    prompt_figures,
+)
+from daemon.reverts import RevertRefused, check_target, lock_corrections, pending_requests, refuse, settle_done
+from daemon.schedule import Wakeups
+from daemon.settings import DaemonSettings
+from daemon.stopping import Abandon, StopControl
+from daemon.workspace import Workspace, load_base_model, open_workspace
+from engine.editor import EditFailed, EditOutcome
+from engine.models import LoadedModel
+from engine.state import EditorState, StateMismatch
+from storage.audit import AuditKind, append_event
+from storage.context import StoreContext
+from storage.errors import StoreError
+from storage.models import Checkpoint, Correction, CorrectionStatus, Phase
+from storage.queue import claim_batch, mark_applied, mark_failed, mark_rejected, release_claimed
+from storage.serialize import iso
+from storage.types import utcnow
+
+STANDBY_LOG_EVERY_S = 60.0
+REVERT_CHECK_EVERY_S = 5.0
+
+
+class DaemonError(StoreError):
+    """The daemon cannot go on safely (e.g. a checkpoint does not match its record)."""
+
+
+@dataclass
+class BatchReport:
+    """What one batch did, and where its time went (seconds per phase)."""
+
+    claimed: list[int]
+    applied: list[int] = field(default_factory=list)
+    rejected: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    edit_id: int | None = None
+    checkpoint_id: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RevertReport:
+    request_id: int
+    restored_checkpoint: int
+    new_checkpoint: int | None
+    reverted: list[int]
+    refused: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class PassReport:
+    """One pass over the queue: the reverts performed and batches applied."""
+
+    batches: list[BatchReport] = field(default_factory=list)
+    reverts: list[RevertReport] = field(default_factory=list)
+
+    @property
+    def corrections(self) -> int:
+        return sum(len(b.claimed) for b in self.batches)
+
+
+@dataclass
+class _BatchWork:
+    """A batch on its way from the edit to the commit."""
+
+    claimed: list[Correction]
+    outcome: EditOutcome
+    before: dict[int, dict[str, float]]
+    started_at: datetime
+    after: dict[int, dict[str, float]] = field(default_factory=dict)
+    written: WrittenFile | None = None
+    created_at: datetime | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Checkpoint | None = None
+
+    @property
+    def by_id(self) -> dict[int, Correction]:
+        return {c.id: c for c in self.claimed}
+
+    @property
+    def applied(self) -> list[int]:
+        return [int(d.key) for d in self.outcome.applied if d.key is not None]
+
+    @property
+    def rejected(self) -> dict[int, str]:
+        return {int(r.key): reason for r, reason in self.outcome.rejected if r.key is not None}
+
+
+class Timer:
+    """Adds the seconds spent in named phases to a dict."""
+
+    def __init__(self, into: dict[str, float]) -> None:
+        self.into = into
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.into[name] = self.into.get(name, 0.0) + time.perf_counter() - start
+
+
+class Daemon:
+    """One process's hold on one model: lease, live weights and state, and the current checkpoint."""
+
+    def __init__(
+        self,
+        store: StoreContext,
+        settings: DaemonSettings,
+        logger: logging.Logger,
+        stop: StopControl | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.log = logger
+        self.stop = stop or StopControl()
+        self.progress = progress
+        """True/False forces the progress bar on/off; None shows it when stderr is a terminal."""
+        self.sessions: sessionmaker[Session] = store.sessions()
+        self.worker = worker_name()
+        self.actor = self.worker[:100]
+        self.loaded: LoadedModel | None = None
+        self.workspace: Workspace | None = None
+        self.lease: Lease | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.state: EditorState | None = None
+        self.current: Checkpoint | None = None
+        """The committed checkpoint whose weights and state are live in memory (None: not restored)."""
+        self._baseline_perplexity: float | None = None
+
+    # ----- start-up ---------------------------------------------------------------------------
+
+    def _event(self, level: int, event: str, **fields: Any) -> None:
+        log_event(self.log, level, event, **fields)
+
+    @property
+    def model(self) -> str:
+        assert self.loaded is not None
+        return self.loaded.identity
+
+    @property
+    def ws(self) -> Workspace:
+        assert self.workspace is not None, "open() first"
+        return self.workspace
+
+    def load(self) -> None:
+        """Load the base model (fast once converted); its identity names the lease and checkpoints."""
+        started = time.perf_counter()
+        self.loaded = load_base_model(self.settings, self.store.home)
+        self._event(
+            logging.INFO,
+            "model_loaded",
+            model=self.loaded.source,
+            identity=self.loaded.identity,
+            device=self.loaded.device,
+            dtype=self.loaded.dtype,
+            seconds=time.perf_counter() - started,
+        )
+
+    def open(self) -> None:
+        """Build the editor (statistics, projectors) and keep the unedited layers; slow the first time."""
+        assert self.loaded is not None, "load() first"
+        started = time.perf_counter()
+        self.workspace = open_workspace(self.settings, self.store.home, self.loaded)
+        hp = self.workspace.hparams
+        self._event(
+            logging.INFO,
+            "editor_ready",
+            method=hp.method,
+            layers=list(hp.layers),
+            health_every=self.settings.health.every,
+            seconds=time.perf_counter() - started,
+        )
+
+    def check_lease_free(self) -> None:
+        """Raise LeaseHeld now if a live daemon holds the model, before slow work is started."""
+        with self.sessions() as session:
+            holder = live_holder(session, self.model, self.worker)
+        if holder is not None:
+            raise LeaseHeld(f"model {self.model[:23]}… is being edited by {holder}; stop that daemon or wait")
+
+    def acquire(self) -> None:
+        """Take the model's lease (LeaseHeld if a live daemon has it) and start renewing it."""
+        self.lease = try_acquire(self.sessions, self.model, self.worker, self.settings.lease_seconds)
+        self.heartbeat = Heartbeat(self.sessions, self.lease, self.log).__enter__()
+        self._event(logging.INFO, "lease_acquired", worker=self.worker, generation=self.lease.generation)
+
+    def release(self) -> None:
+        """Stop renewing and let the lease expire now, so a successor can start at once."""
+        if self.heartbeat is not None:
+            self.heartbeat.__exit__(None, None, None)
+            self.heartbeat = None
+        if self.lease is not None:
+            try:
+                with self.sessions.begin() as session:
+                    release(session, self.lease)
+            except Exception as error:  # noqa: BLE001 - the lease will expire by itself anyway
+                self._event(logging.WARNING, "lease_release_failed", error=str(error).splitlines()[0])
+            self.lease = None
+        self.current = None
+        self.state = None
+
+    def _confirm(self, session: Session) -> None:
+        """Check in this transaction that the lease is still ours (and extend it)."""
+        assert self.lease is not None
+        if self.heartbeat is not None and self.heartbeat.lost.is_set():
+            raise LeaseLost("the lease heartbeat found the lease taken over")
+        confirm(session, self.lease)
+
+    def recover(self) -> None:
+        """Make the store and the model agree after whatever happened before (crash, takeover).
+
+        Claims of dead workers go back to pending; checkpoint files no row keeps (written but
+        never committed, or pruned but not yet deleted) are removed; pending reverts are done;
+        then the newest committed checkpoint is loaded and checked against its recorded sha256.
+        """
+        with self.sessions.begin() as session:
+            self._confirm(session)
+            released = ledger.release_stale_claims(session, self.worker, "recovery: claimed but never recorded")
+            keep = {c.path for c in session.scalars(select(Checkpoint).where(Checkpoint.pruned.is_(False)))}
+        if released:
+            self._event(logging.WARNING, "claims_released", corrections=released, reason="claimed but never recorded")
+        home = self.store.home
+        removed = remove_unlisted(home.checkpoints_dir / model_folder(self.model), keep, home.checkpoints_dir)
+        if removed:
+            self._event(logging.WARNING, "orphan_files_removed", files=[p.name for p in removed])
+        self._perform_reverts()
+        if self.current is None:
+            self._restore_head()
+
+    def _restore_head(self) -> None:
+        with self.sessions() as session:
+            head = head_checkpoint(session, self.model)
+        if head is None:
+            self._write_base_checkpoint()
+            return
+        started = time.perf_counter()
+        contents = self._read(head)
+        self._install(contents, head)
+        self._event(
+            logging.INFO,
+            "checkpoint_restored",
+            checkpoint=head.id,
+            steps=contents.state.steps,
+            edits=contents.state.edits,
+            seconds=time.perf_counter() - started,
+        )
+
+    def _read(self, checkpoint: Checkpoint) -> CheckpointContents:
+        label = f"checkpoint {checkpoint.id}"
+        try:
+            contents = read_checkpoint(
+                self.store.home.checkpoints_dir / checkpoint.path, checkpoint.sha256, label, self.ws.loaded.device
+            )
+        except CheckpointFileError as error:
+            raise DaemonError(f"{error}; the daemon will not start from it") from error
+        hp = self.ws.hparams
+        try:
+            contents.state.check_compatible(
+                self.model, hp.layers, {k: s.sha256 for k, s in self.ws.editor.stats.items()}
+            )
+        except StateMismatch as error:
+            raise DaemonError(
+                f"{label} does not fit these settings: {error}; use the hyperparameters it was made "
+                "with (see `metake checkpoints --json`) or another data home"
+            ) from error
+        return contents
+
+    def _install(self, contents: CheckpointContents, checkpoint: Checkpoint) -> None:
+        self.ws.editor.load_weights(contents.weights)
+        self.state = contents.state
+        self.current = checkpoint
+
+    def _write_base_checkpoint(self) -> None:
+        """The first checkpoint: the unedited layers and a fresh editor state (prefixes chosen once)."""
+        state = self.ws.editor.new_state()
+        weights = self.ws.editor.edited_weights()
+        written, created_at, manifest = self._write_file(weights, state, kind="base", parent=None, batch=[], applied=[])
+        try:
+            with self.sessions.begin() as session:
+                self._confirm(session)
+                row = ledger.add_checkpoint(
+                    session, written, model=self.model, parent_id=None, manifest=manifest, created_at=created_at
+                )
+                ledger.audit_checkpoint(session, row, self.actor)
+        except BaseException:
+            self._discard(written)
+            raise
+        self.state = state
+        self.current = row
+        self._event(logging.INFO, "checkpoint_written", checkpoint=row.id, kind="base", size_bytes=written.size_bytes)
+
+    # ----- files ----------------------------------------------------------------------------
+
+    def _manifest(
+        self,
+        weights: dict[str, torch.Tensor],
+        state: EditorState,
+        *,
+        kind: str,
+        parent: int | None,
+        batch: list[int],
+        applied: list[int],
+        created_at: datetime,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        hp = self.ws.hparams
+        return {
+            "format": "metake-checkpoint/1",
+            "kind": kind,
+            "parent": parent,
+            "base_model": self.model,
+            "model_source": self.ws.loaded.source,
+            "method": hp.method,
+            "hparams": hp.to_dict(),
+            "corrections": batch,
+            "applied_corrections": applied,
+            "steps": state.steps,
+            "edits": state.edits,
+            "weights_sha256": tensors_sha256(weights),
+            "state_sha256": tensors_sha256(state.tensors()),
+            "created_at": iso(created_at),
+            **(extra or {}),
+        }
+
+    def _write_file(
+        self,
+        weights: dict[str, torch.Tensor],
+        state: EditorState,
+        *,
+        kind: str,
+        parent: int | None,
+        batch: list[int],
+        applied: list[int],
+        extra: dict[str, Any] | None = None,
+    ) -> tuple[WrittenFile, datetime, dict[str, Any]]:
+        created_at = utcnow()
+        manifest = self._manifest(
+            weights, state, kind=kind, parent=parent, batch=batch, applied=applied, created_at=created_at, extra=extra
+        )
+        relative = new_name(self.model, created_at)
+        written = write_checkpoint(
+            self.store.home.checkpoints_dir, relative, CheckpointContents(weights, state, manifest)
+        )
+        return written, created_at, manifest
+
+    def _discard(self, written: WrittenFile) -> None:
+        """Delete a checkpoint file whose transaction did not commit."""
+        (self.store.home.checkpoints_dir / written.relative_path).unlink(missing_ok=True)
+
+    def _delete_pruned(self, paths: list[str]) -> None:
+        for relative in paths:
+            (self.store.home.checkpoints_dir / relative).unlink(missing_ok=True)
+        if paths:
+            self._event(logging.INFO, "checkpoints_pruned", files=len(paths))
+
+    # ----- reverts --------------------------------------------------------------------------
+
+    def _perform_reverts(self) -> list[RevertReport]:
+        with self.sessions() as session:
+            requests = [(r.id, r.checkpoint_id) for r in pending_requests(session, self.model)]
+        return [self._perform_revert(request_id, checkpoint_id) for request_id, checkpoint_id in requests]
+
+    def _perform_revert(self, request_id: int, checkpoint_id: int) -> RevertReport:
+        """Restore a checkpoint exactly, then record it as a new checkpoint whose parent it is."""
+        started = time.perf_counter()
+        try:
+            with self.sessions() as session:
+                target, head = check_target(session, checkpoint_id)
+            contents = self._read(target)
+        except (RevertRefused, DaemonError) as error:
+            with self.sessions.begin() as session:
+                self._confirm(session)
+                refuse(session, request_id, str(error), self.actor)
+            self._event(
+                logging.WARNING, "revert_refused", request=request_id, checkpoint=checkpoint_id, reason=str(error)
+            )
+            return RevertReport(request_id, checkpoint_id, None, [], refused=str(error))
+        undone = sorted(set(applied_corrections(head)) - set(applied_corrections(target)))
+        snapshot = self.ws.editor.edited_weights()
+        previous = (self.current, self.state)
+        written: WrittenFile | None = None
+        try:
+            self._install(contents, target)
+            crash_point("during_revert")
+            written, created_at, manifest = self._write_file(
+                contents.weights,
+                contents.state,
+                kind="revert",
+                parent=target.id,
+                batch=[],
+                applied=applied_corrections(target),
+                extra={"reverted_from": head.id, "revert_request": request_id, "reverted_corrections": undone},
+            )
+            with self.sessions.begin() as session:
+                self._confirm(session)
+                rows = lock_corrections(session, undone)
+                row = ledger.add_checkpoint(
+                    session, written, model=self.model, parent_id=target.id, manifest=manifest, created_at=created_at
+                )
+                ledger.audit_checkpoint(session, row, self.actor)
+                reverted = settle_done(session, request_id, rows, row, head.id, self.actor)
+                pruned = ledger.prune(session, self.model, self.settings.retention, self.actor)
+        except BaseException:
+            self.ws.editor.load_weights(snapshot)
+            self.current, self.state = previous
+            if written is not None:
+                self._discard(written)
+            raise
+        self.current = row
+        self._delete_pruned(pruned)
+        seconds = time.perf_counter() - started
+        self._event(
+            logging.INFO,
+            "revert_performed",
+            request=request_id,
+            restored=target.id,
+            checkpoint=row.id,
+            reverted=reverted,
+            seconds=seconds,
+        )
+        return RevertReport(request_id, target.id, row.id, reverted, seconds=seconds)
+
+    # ----- batches --------------------------------------------------------------------------
+
+    def _claim(self, limit: int) -> list[Correction]:
+        with self.sessions.begin() as session:
+            self._confirm(session)
+            return claim_batch(session, limit, self.worker)
+
+    def _settle_failure(self, claimed: list[Correction], reason: str) -> list[int]:
+        """Return a failed batch's corrections to the queue, or fail them after max_attempts tries."""
+        failed: list[int] = []
+        with self.sessions.begin() as session:
+            self._confirm(session)
+            ledger.lock_corrections(session, [c.id for c in claimed])
+            for correction in claimed:
+                retry = correction.attempts < self.settings.max_attempts
+                mark_failed(session, correction, reason, worker=self.worker, retry=retry)
+                if not retry:
+                    failed.append(correction.id)
+        return failed
+
+    def _release(self, claimed: list[Correction], reason: str) -> None:
+        with self.sessions.begin() as session:
+            released = release_claimed(session, self.worker, actor=self.actor, reason=reason)
+        self._event(logging.WARNING, "claims_released", corrections=released, reason=reason)
+
+    def apply_batch(self, limit: int) -> BatchReport | None:
+        """Claim up to ``limit`` corrections and apply them as one edit; None when the queue is empty."""
+        timer = Timer({})
+        started_at = utcnow()
+        with timer.phase("claim"):
+            claimed = self._claim(limit)
+        if not claimed:
+            return None
+        report = BatchReport(claimed=[c.id for c in claimed], seconds=timer.into)
+        self._event(logging.INFO, "batch_claimed", corrections=report.claimed)
+        snapshot = self.ws.editor.edited_weights()
+        edited = self._edit(claimed, snapshot, report, timer)
+        if edited is None:
+            return report
+        outcome, before = edited
+        crash_point("after_apply")
+        work = _BatchWork(claimed, outcome, before, started_at)
+        report.applied, report.rejected = work.applied, sorted(work.rejected)
+        try:
+            if work.applied:
+                self._checkpoint_batch(work, timer)
+                crash_point("after_checkpoint")
+            with timer.phase("commit"), self.sessions.begin() as session:
+                pruned = self._record_batch(session, work, report)
+        except BaseException:
+            self.ws.editor.load_weights(snapshot)
+            if work.written is not None:
+                self._discard(work.written)
+            try:
+                self._release(claimed, "the batch could not be recorded")
+            except Exception as error:  # noqa: BLE001 - recovery at the next start releases them
+                self._event(logging.ERROR, "claims_release_failed", error=str(error).splitlines()[0])
+            raise
+        for correction_id, reason in work.rejected.items():
+            self._event(logging.WARNING, "correction_rejected", correction=correction_id, reason=reason)
+        if work.applied:
+            self.state = outcome.state
+            self.current = work.checkpoint
+            self._delete_pruned(pruned)
+            self._log_applied(report, outcome)
+            self._maybe_check_health(report)
+        return report
+
+    def _edit(
+        self, claimed: list[Correction], snapshot: dict[str, torch.Tensor], report: BatchReport, timer: Timer
+    ) -> tuple[EditOutcome, dict[int, dict[str, float]]] | None:
+        """Measure, then edit; None when the engine refused the batch (settled as failed or retried)."""
+        assert self.state is not None
+        editor, loaded = self.ws.editor, self.ws.loaded
+        try:
+            with self.stop.abandonable():
+                crash_point("before_apply")
+                with timer.phase("measure_pre"):
+                    probes = [probe_for(c) for c in claimed]
+                    before = generalisation_and_locality(loaded.model, loaded.tokenizer, probes)
+                with timer.phase("edit"):
+                    outcome = editor.apply([edit_request(c) for c in claimed], self.state)
+        except Abandon:
+            editor.load_weights(snapshot)
+            self._release(claimed, "abandoned on a second stop signal")
+            raise
+        except EditFailed as error:
+            report.failed = self._settle_failure(claimed, str(error))
+            self._event(logging.ERROR, "batch_failed", corrections=report.claimed, reason=str(error))
+            return None
+        except BaseException:
+            editor.load_weights(snapshot)
+            self._release(claimed, "the batch raised an unexpected error")
+            raise
+        return outcome, before
+
+    def _checkpoint_batch(self, work: _BatchWork, timer: Timer) -> None:
+        """Post-edit measurements, then the new checkpoint file (not yet recorded)."""
+        assert self.current is not None
+        loaded = self.ws.loaded
+        with timer.phase("measure_post"):
+            work.after = generalisation_and_locality(
+                loaded.model, loaded.tokenizer, [probe_for(work.by_id[i]) for i in work.applied]
+            )
+        with timer.phase("checkpoint"):
+            work.written, work.created_at, work.manifest = self._write_file(
+                self.ws.editor.edited_weights(),
+                work.outcome.state,
+                kind="edit",
+                parent=self.current.id,
+                batch=work.applied,
+                applied=applied_corrections(self.current) + work.applied,
+            )
+
+    def _record_batch(self, session: Session, work: _BatchWork, report: BatchReport) -> list[str]:
+        """The batch's one transaction: checkpoint, edit, metrics, statuses, audit; returns files to prune."""
+        assert self.current is not None
+        self._confirm(session)
+        ledger.lock_corrections(session, report.claimed)
+        for correction_id, reason in work.rejected.items():
+            mark_rejected(session, work.by_id[correction_id], reason, worker=self.worker)
+        if not work.applied or work.written is None:
+            return []
+        hp = self.ws.hparams
+        work.checkpoint = ledger.add_checkpoint(
+            session,
+            work.written,
+            model=self.model,
+            parent_id=self.current.id,
+            manifest=work.manifest,
+            created_at=work.created_at,
+        )
+        edit = ledger.add_edit(
+            session,
+            method=hp.method,
+            model=self.model,
+            hparams=hp.to_dict(),
+            layers=list(hp.layers),
+            started_at=work.started_at,
+            finished_at=utcnow(),
+            timings={"engine": work.outcome.seconds, "daemon": dict(report.seconds)},
+            before_id=self.current.id,
+            after_id=work.checkpoint.id,
+        )
+        ledger.add_metrics(session, edit.id, self._batch_figures(work.outcome, work.before, work.after))
+        mark_applied(session, [work.by_id[i] for i in work.applied], edit.id, worker=self.worker)
+        ledger.audit_checkpoint(session, work.checkpoint, self.actor, edit_id=edit.id)
+        report.edit_id, report.checkpoint_id = edit.id, work.checkpoint.id
+        return ledger.prune(session, self.model, self.settings.retention, self.actor)
+
+    def _batch_figures(
+        self, outcome: EditOutcome, before: dict[int, dict[str, float]], after: dict[int, dict[str, float]]
+    ) -> list[Figure]:
+        figures: list[Figure] = []
+        for diagnostics in outcome.applied:
+            assert diagnostics.key is not None
+            correction_id = int(diagnostics.key)
+            for phase, extra in ((Phase.PRE, before), (Phase.POST, after)):
+                values = prompt_figures(diagnostics, phase.value) | extra.get(correction_id, {})
+                figures += [Figure(correction_id, name, phase, value) for name, value in values.items()]
+            figures += [Figure(correction_id, n, Phase.POST, v) for n, v in engine_figures(diagnostics).items()]
+        for layer, value in outcome.weight_change.items():
+            figures.append(Figure(None, f"weight_change.layer{layer}", Phase.POST, value))
+        for layer, value in outcome.relative_weight_change.items():
+            figures.append(Figure(None, f"relative_weight_change.layer{layer}", Phase.POST, value))
+        return figures
+
+    def _log_applied(self, report: BatchReport, outcome: EditOutcome) -> None:
+        for d in outcome.applied:
+            self._event(
+                logging.INFO,
+                "correction_applied",
+                correction=d.key,
+                edit=report.edit_id,
+                p_target_before=d.pre_target_prob,
+                p_target_after=d.post_target_prob,
+                p_original_before=d.pre_original_prob,
+                p_original_after=d.post_original_prob,
+            )
+        self._event(
+            logging.INFO,
+            "batch_applied",
+            edit=report.edit_id,
+            checkpoint=report.checkpoint_id,
+            corrections=report.applied,
+            rejected=report.rejected,
+            seconds={k: round(v, 3) for k, v in report.seconds.items()},
+        )
+
+    # ----- health ---------------------------------------------------------------------------
+
+    def _maybe_check_health(self, report: BatchReport) -> None:
+        every = self.settings.health.every
+        assert self.state is not None
+        if not every or report.edit_id is None or self.state.steps % every:
+            return
+        try:
+            with Timer(report.seconds).phase("health"):
+                self._check_health(report)
+        except LeaseLost:
+            raise
+        except Exception as error:  # noqa: BLE001 - the batch is committed; a failed check must not stop the daemon
+            self.log.exception("health_check_failed", extra={"metake_fields": {"edit": report.edit_id}})
+            self._event(logging.ERROR, "health_check_failed", edit=report.edit_id, error=str(error))
+
+    def _check_health(self, report: BatchReport) -> None:
+        """Re-test a sample of earlier corrections and measure drift; store both, warn if retention is low."""
+        started = time.perf_counter()
+        loaded = self.ws.loaded
+        with self.sessions() as session:
+            earlier = [
+                c
+                for c in session.scalars(select(Correction).where(Correction.status == CorrectionStatus.APPLIED))
+                if c.id not in report.applied and c.edit_id is not None
+            ]
+        sample = random.Random(report.edit_id).sample(earlier, min(len(earlier), self.settings.health.sample_size))
+        held = facts_hold(loaded.model, loaded.tokenizer, [probe_for(c) for c in sample])
+        figures: list[Figure] = []
+        for correction_id, (target_prob, holds) in held.items():
+            figures.append(Figure(correction_id, "health.target_prob", Phase.POST, target_prob))
+            figures.append(Figure(correction_id, "health.holds", Phase.POST, float(holds)))
+        retention = sum(h for _, h in held.values()) / len(held) if held else None
+        if retention is not None:
+            figures.append(Figure(None, "health.retention", Phase.POST, retention))
+        drift: dict[str, float] = {}
+        texts = self.ws.drift_texts
+        if texts:
+            now = perplexity(loaded.model, loaded.tokenizer, texts)
+            base = self._base_perplexity()
+            drift = {"perplexity": now, "base_perplexity": base, "perplexity_ratio": now / base}
+            figures.append(Figure(None, "health.perplexity", Phase.PRE, base))
+            figures.append(Figure(None, "health.perplexity", Phase.POST, now))
+            figures.append(Figure(None, "health.perplexity_ratio", Phase.POST, now / base))
+        with self.sessions.begin() as session:
+            self._confirm(session)
+            ledger.add_metrics(session, report.edit_id, figures)
+            append_event(
+                session,
+                AuditKind.HEALTH_CHECKED,
+                actor=self.actor,
+                edit_id=report.edit_id,
+                payload={"retention": retention, "tested": len(held), "sample": sample_sha256(texts), **drift},
+            )
+        level = logging.INFO
+        if retention is not None and retention < self.settings.health.retention_warning:
+            level = logging.WARNING
+            self._event(
+                level,
+                "retention_low",
+                retention=retention,
+                threshold=self.settings.health.retention_warning,
+                forgotten=[i for i, (_, h) in held.items() if not h],
+            )
+        self._event(
+            level,
+            "health_checked",
+            edit=report.edit_id,
+            retention=retention,
+            tested=len(held),
+            seconds=time.perf_counter() - started,
+            **drift,
+        )
+
+    def _base_perplexity(self) -> float:
+        """The unedited model's perplexity on the sample, measured once per process by swapping weights."""
+        if self._baseline_perplexity is None:
+            editor, loaded = self.ws.editor, self.ws.loaded
+            live = editor.edited_weights()
+            try:
+                editor.load_weights(self.ws.base_weights)
+                self._baseline_perplexity = perplexity(loaded.model, loaded.tokenizer, self.ws.drift_texts)
+            finally:
+                editor.load_weights(live)
+        return self._baseline_perplexity
+
+    # ----- passes and the long-running loop ---------------------------------------------------
+
+    def _pending(self) -> int:
+        with self.sessions() as session:
+            return ledger.pending_count(session)
+
+    def _check_heartbeat(self) -> None:
+        if self.heartbeat is not None and self.heartbeat.lost.is_set():
+            raise LeaseLost("the lease heartbeat found the lease taken over")
+
+    def run_pass(self, max_corrections: int | None = None) -> PassReport:
+        """Perform pending reverts, then apply batches until the queue is empty (or the limit)."""
+        report = PassReport()
+        pending = self._pending()
+        total = pending if max_corrections is None else min(pending, max_corrections)
+        disable = None if self.progress is None else not self.progress
+        with (
+            progress_safe_logging(self.log),
+            tqdm(total=total, unit="correction", desc="applying", disable=disable, leave=False) as bar,
+        ):
+            while not self.stop.requested:
+                self._check_heartbeat()
+                report.reverts += self._perform_reverts()
+                limit = self.settings.batch_size
+                if max_corrections is not None:
+                    limit = min(limit, max_corrections - report.corrections)
+                if limit <= 0:
+                    break
+                batch = self.apply_batch(limit)
+                if batch is None:
+                    break
+                report.batches.append(batch)
+                bar.update(len(batch.claimed))
+                if max_corrections is None:
+                    bar.total = report.corrections + self._pending()
+                    bar.refresh()
+        return report
+
+    @contextmanager
+    def holding_lease(self) -> Iterator[None]:
+        """Acquire, recover, and on leaving release the lease (also on errors)."""
+        self.acquire()
+        try:
+            self.recover()
+            yield
+        finally:
+            self.release()
+
+    def apply_pending(self, max_corrections: int | None = None) -> PassReport:
+        """``metake apply``: one pass in the foreground; LeaseHeld if a daemon is running."""
+        self.load()
+        self.check_lease_free()
+        self.open()
+        with self.holding_lease():
+            return self.run_pass(max_corrections)
+
+    def serve(self, wakeups: Wakeups) -> None:
+        """``metake daemon``: wait for the lease, then work at every wake-up until stopped."""
+        self.load()
+        self.open()
+        self._event(logging.INFO, "daemon_started", worker=self.worker, wakeups=wakeups.describe())
+        while not self.stop.requested:
+            if not self._wait_for_lease():
+                break
+            try:
+                with self.holding_lease():
+                    self._serve_holding(wakeups)
+            except LeaseLost as error:
+                self._event(logging.ERROR, "lease_lost", reason=str(error), action="standing by")
+        self._event(logging.INFO, "daemon_stopped", worker=self.worker)
+
+    def _wait_for_lease(self) -> bool:
+        """Stand by until the lease can be taken; False if stopped first."""
+        last_logged = -STANDBY_LOG_EVERY_S
+        while not self.stop.requested:
+            try:
+                with self.sessions() as session:
+                    holder = live_holder(session, self.model, self.worker)
+            except StoreError as error:
+                holder = f"unknown ({error})"
+            if holder is None:
+                return True
+            if time.monotonic() - last_logged >= STANDBY_LOG_EVERY_S:
+                self._event(logging.INFO, "standing_by", reason=f"the model is being edited by {holder}")
+                last_logged = time.monotonic()
+            if self.stop.wait(min(self.settings.lease_seconds / 6, 5.0)):
+                return False
+        return False
+
+    def _serve_holding(self, wakeups: Wakeups) -> None:
+        next_run = utcnow()
+        while not self.stop.requested:
+            if utcnow() >= next_run:
+                report = self.run_pass()
+                if report.batches or report.reverts:
+                    self._event(logging.INFO, "pass_done", corrections=report.corrections, reverts=len(report.reverts))
+                next_run = wakeups.next_after(utcnow())
+                self._event(logging.INFO, "sleeping", until=iso(next_run))
+                continue
+            self._check_heartbeat()
+            if self._perform_reverts():
+                continue
+            left = (next_run - utcnow()).total_seconds()
+            self.stop.wait(min(left, REVERT_CHECK_EVERY_S))

@@ -1,0 +1,92 @@
+"""Everything a daemon run is configured with, checked once before anything is loaded or written.
+
+One frozen value carries the settings from the command line to every part of the daemon, so a
+bad value fails at start-up with one clear line instead of halfway through a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.hparams import METHODS
+from engine.models import DEFAULT_MODEL
+from storage.errors import InvalidInput
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Which checkpoint files to keep: the newest ``keep_last`` and every ``keep_every``-th one.
+
+    The first checkpoint (the unedited model) is always kept, as is any checkpoint a pending
+    revert request names. ``keep_every = 0`` keeps no extra ones.
+    """
+
+    keep_last: int = 5
+    keep_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.keep_last < 1:
+            raise InvalidInput(f"--keep-last must be at least 1 (the current checkpoint), got {self.keep_last}")
+        if self.keep_every < 0:
+            raise InvalidInput(f"--keep-every must be 0 (off) or more, got {self.keep_every}")
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """Lifelong checks: every ``every`` batches, re-test earlier corrections and measure drift.
+
+    ``every = 0`` turns them off. ``drift_text`` is a UTF-8 text file; without one a sample is
+    generated once by the unedited model and kept in the data home.
+    """
+
+    every: int = 10
+    sample_size: int = 20
+    retention_warning: float = 0.8
+    drift_text: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise InvalidInput(f"--health-every must be 0 (off) or more, got {self.every}")
+        if self.sample_size < 1:
+            raise InvalidInput(f"--health-sample must be at least 1, got {self.sample_size}")
+        if not 0.0 <= self.retention_warning <= 1.0:
+            raise InvalidInput(f"--retention-warning must be between 0 and 1, got {self.retention_warning}")
+        if self.drift_text is not None and not self.drift_text.is_file():
+            raise InvalidInput(f"--drift-text {self.drift_text} is not a file")
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """The model to edit, how to edit it, and how the daemon looks after its checkpoints and lease."""
+
+    model: str = DEFAULT_MODEL
+    device: str | None = None
+    dtype: str = "float32"
+    method: str | None = None
+    """None: the method of the hyperparameter file or the engine's defaults."""
+    hparams_file: Path | None = None
+    batch_size: int = 1
+    max_attempts: int = 3
+    """Tries per correction before a batch that keeps failing marks it failed for good."""
+    lease_seconds: float = 60.0
+    retention: Retention = Retention()
+    health: HealthSettings = HealthSettings()
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise InvalidInput(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.max_attempts < 1:
+            raise InvalidInput(f"--max-attempts must be at least 1, got {self.max_attempts}")
+        if self.lease_seconds < 3:
+            raise InvalidInput(f"--lease-seconds must be at least 3, got {self.lease_seconds:g}")
+        if self.method is not None and self.method not in METHODS:
+            raise InvalidInput(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.dtype not in DTYPES:
+            raise InvalidInput(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.hparams_file is not None and not self.hparams_file.is_file():
+            raise InvalidInput(f"--hparams {self.hparams_file} is not a file")
+        if self.model != DEFAULT_MODEL and not Path(self.model).expanduser().exists():
+            raise InvalidInput(f"--model {self.model} does not exist")

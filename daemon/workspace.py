@@ -1,0 +1,85 @@
+"""The model the daemon owns: loaded once per process, with its editor and the unedited weights.
+
+Loading is the slow part of start-up (statistics are computed the first time, minutes on a CPU),
+so it happens once; restoring a checkpoint afterwards only copies the edited layers in. A copy of
+the unedited layers stays in memory: it is the baseline of the drift check and costs a few MB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from daemon.health import load_text_sample, stored_sample
+from daemon.settings import DaemonSettings
+from engine.editor import Editor
+from engine.hparams import EditHyperParams
+from engine.models import LoadedModel, ModelLoadError, load_model
+from storage.errors import InvalidInput
+from storage.home import DataHome
+
+
+@dataclass
+class Workspace:
+    loaded: LoadedModel
+    editor: Editor
+    base_weights: dict[str, torch.Tensor]
+    drift_texts: list[str]
+    """Empty when health checks are off."""
+
+    @property
+    def identity(self) -> str:
+        return self.loaded.identity
+
+    @property
+    def hparams(self) -> EditHyperParams:
+        return self.editor.hparams
+
+
+def load_base_model(settings: DaemonSettings, home: DataHome) -> LoadedModel:
+    """The base model from the settings (cached in the home); bad settings become InvalidInput."""
+    try:
+        return load_model(settings.model, cache_dir=home.models_dir, device=settings.device, dtype=settings.dtype)
+    except (ModelLoadError, ValueError) as error:
+        raise InvalidInput(str(error)) from error
+    except RuntimeError as error:  # e.g. an unknown or unavailable device
+        raise InvalidInput(f"cannot load the model on device {settings.device!r}: {error}") from error
+
+
+def resolve_hparams(settings: DaemonSettings, loaded: LoadedModel) -> EditHyperParams:
+    """The hyperparameter file if given, else the engine's defaults; ``--method`` overrides."""
+    try:
+        if settings.hparams_file is not None:
+            hparams = EditHyperParams.from_file(settings.hparams_file)
+        else:
+            hparams = EditHyperParams.defaults_for(loaded.model_type)
+        if settings.method is not None:
+            hparams = hparams.with_changes(method=settings.method)
+    except (ValueError, TypeError, OSError) as error:
+        where = settings.hparams_file or "the default hyperparameters"
+        raise InvalidInput(f"{where}: {error}") from error
+    if hparams.last_layer >= loaded.n_layers:
+        raise InvalidInput(f"hyperparameters edit layer {hparams.last_layer}, but the model has {loaded.n_layers}")
+    return hparams
+
+
+def open_workspace(settings: DaemonSettings, home: DataHome, loaded: LoadedModel) -> Workspace:
+    """Build the editor (statistics from the home's cache) and keep what is needed of the base model."""
+    hparams = resolve_hparams(settings, loaded)
+    try:
+        editor = Editor(loaded, hparams, cache_dir=home.stats_dir)
+    except FileNotFoundError as error:  # a statistics source that is not there
+        raise InvalidInput(str(error)) from error
+    base_weights = {name: weight.cpu() for name, weight in editor.edited_weights().items()}
+    drift_texts: list[str] = []
+    if settings.health.every:
+        if settings.health.drift_text is not None:
+            try:
+                drift_texts = load_text_sample(settings.health.drift_text)
+            except (OSError, UnicodeDecodeError, ValueError) as error:
+                raise InvalidInput(f"--drift-text: {error}") from error
+        else:
+            folder = home.stats_dir / loaded.identity.removeprefix("sha256:")[:16]
+            drift_texts = stored_sample(folder, loaded.model, loaded.tokenizer, loaded.identity)
+    return Workspace(loaded, editor, base_weights, drift_texts)
