@@ -850,7 +850,9 @@ class Daemon:
         return False
 
     def _serve_holding(self, wakeups: Wakeups) -> None:
-        next_run = utcnow()
+        next_run = utcnow() if wakeups.at_start else wakeups.next_after(utcnow())
+        if not wakeups.at_start:
+            self._event(logging.INFO, "sleeping", until=iso(next_run))
         while not self.stop.requested:
             if utcnow() >= next_run:
                 report = self.run_pass()

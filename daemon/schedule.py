@@ -21,7 +21,10 @@ _DIGIT = re.compile(r"\d")
 
 
 class Wakeups(Protocol):
-    """The next time to look at the queue after ``now``."""
+    """When to look at the queue: at start-up or not, then the next time after ``now``."""
+
+    @property
+    def at_start(self) -> bool: ...
 
     def next_after(self, now: datetime) -> datetime: ...
 
@@ -33,6 +36,7 @@ class Every:
     """Poll the queue every ``seconds``."""
 
     seconds: float
+    at_start: bool = True
 
     def next_after(self, now: datetime) -> datetime:
         return now + timedelta(seconds=self.seconds)
@@ -47,6 +51,7 @@ class Cron:
 
     expression: str
     trigger: CronTrigger
+    at_start: bool = False
 
     def next_after(self, now: datetime) -> datetime:
         fire = self.trigger.get_next_fire_time(None, now)
