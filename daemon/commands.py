@@ -2,7 +2,8 @@
 
 They are registered on the ``metake`` group in cli.py and get the StoreContext from it. Option
 values are checked (DaemonSettings, the schedule) before anything is loaded or written, so a bad
-value costs one line on stderr and nothing else.
+value costs one line on stderr and nothing else. Torch and transformers are imported only by the
+commands that load a model, so ``metake submit`` and friends stay quick to start.
 """
 
 from __future__ import annotations
@@ -11,24 +12,21 @@ import functools
 import getpass
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from daemon.demo import run_demo
-from daemon.export import check_destination, choose_checkpoint, export_checkpoint
 from daemon.lease import LeaseLost
 from daemon.logs import LOG_FORMATS, configure_logging
 from daemon.reverts import request_revert
-from daemon.runner import Daemon, PassReport
 from daemon.schedule import Every, Wakeups, parse_cron
-from daemon.settings import DTYPES, DaemonSettings, HealthSettings, Retention
+from daemon.settings import DEFAULT_MODEL, DTYPES, METHODS, DaemonSettings, HealthSettings, Retention
 from daemon.stopping import Abandon, StopControl
-from daemon.workspace import load_base_model
-from engine.hparams import METHODS
-from engine.models import DEFAULT_MODEL
 from storage.context import StoreContext
 from storage.records import check_submitter
+
+if TYPE_CHECKING:
+    from daemon.runner import PassReport
 
 CommandFunction = TypeVar("CommandFunction", bound=Callable[..., Any])
 
@@ -127,6 +125,8 @@ def daemon(
         raise click.UsageError(f"--interval must be positive, got {interval:g}")
     wakeups: Wakeups = parse_cron(schedule, timezone) if schedule is not None else Every(interval or 10.0)
     settings = settings_from(options)
+    from daemon.runner import Daemon  # loads torch: imported here, see the module docstring
+
     logger = configure_logging(options["log_format"])
     stop = StopControl()
     runner = Daemon(store, settings, logger, stop, progress=options["progress"])
@@ -147,6 +147,8 @@ def apply(store: StoreContext, max_corrections: int | None, **options: Any) -> N
     The same code as the daemon, in the foreground; refused while a daemon holds the model.
     """
     settings = settings_from(options)
+    from daemon.runner import Daemon  # loads torch: imported here, see the module docstring
+
     logger = configure_logging(options["log_format"])
     stop = StopControl()
     runner = Daemon(store, settings, logger, stop, progress=options["progress"])
@@ -196,6 +198,9 @@ def export(
 
     The result loads with transformers' AutoModelForCausalLM.from_pretrained(DIR), no metake needed.
     """
+    from daemon.export import check_destination, choose_checkpoint, export_checkpoint  # loads torch: imported here
+    from daemon.workspace import load_base_model
+
     check_destination(out)
     settings = DaemonSettings(model=model, device=device or "cpu", dtype=dtype)
     sessions = store.sessions()
@@ -245,6 +250,8 @@ def demo(
         health=HealthSettings(every=3),
     )
     root = demo_home or store.home.root / "demo"
+    from daemon.demo import run_demo  # loads torch: imported here, see the module docstring
+
     logger = configure_logging(log_format)
     stop = StopControl()
     with stop.handling_signals():

@@ -271,7 +271,7 @@ class Daemon:
             raise LeaseLost("the lease heartbeat found the lease taken over")
         confirm(session, self.lease)
 
-    def recover(self) -> None:
+    def recover(self) -> list[RevertReport]:
         """Make the store and the model agree after whatever happened before (crash, takeover).
 
         Claims of dead workers go back to pending; checkpoint files no row keeps (written but
@@ -288,9 +288,10 @@ class Daemon:
         removed = remove_unlisted(home.checkpoints_dir / model_folder(self.model), keep, home.checkpoints_dir)
         if removed:
             self._event(logging.WARNING, "orphan_files_removed", files=[p.name for p in removed])
-        self._perform_reverts()
+        reverts = self._perform_reverts()
         if self.current is None:
             self._restore_head()
+        return reverts
 
     def _restore_head(self) -> None:
         with self.sessions() as session:
@@ -799,12 +800,11 @@ class Daemon:
         return report
 
     @contextmanager
-    def holding_lease(self) -> Iterator[None]:
-        """Acquire, recover, and on leaving release the lease (also on errors)."""
+    def holding_lease(self) -> Iterator[list[RevertReport]]:
+        """Acquire, recover (yielding the reverts that recovery performed), and release at the end."""
         self.acquire()
         try:
-            self.recover()
-            yield
+            yield self.recover()
         finally:
             self.release()
 
@@ -813,8 +813,10 @@ class Daemon:
         self.load()
         self.check_lease_free()
         self.open()
-        with self.holding_lease():
-            return self.run_pass(max_corrections)
+        with self.holding_lease() as reverts:
+            report = self.run_pass(max_corrections)
+        report.reverts[:0] = reverts
+        return report
 
     def serve(self, wakeups: Wakeups) -> None:
         """``metake daemon``: wait for the lease, then work at every wake-up until stopped."""

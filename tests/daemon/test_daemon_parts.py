@@ -263,3 +263,11 @@ def test_a_revert_request_is_queued_and_audited(sessions):
             2,
             {"request": request.id, "current_checkpoint": 4},
         )
+
+
+def test_settings_repeat_the_engine_constants_faithfully():
+    from daemon import settings
+    from engine.hparams import METHODS
+    from engine.models import DEFAULT_MODEL
+
+    assert (settings.METHODS, settings.DEFAULT_MODEL) == (METHODS, DEFAULT_MODEL)

@@ -1,0 +1,179 @@
+"""The daemon in this process on the tiny model: reverts, retention, health checks, refusals, stopping."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from sqlalchemy import select
+
+from daemon.checkpoint_files import read_checkpoint
+from daemon.logs import configure_logging
+from daemon.reverts import RevertRefused, request_revert
+from daemon.runner import Daemon, DaemonError
+from daemon.settings import DaemonSettings, HealthSettings, Retention
+from daemon.stopping import Abandon, StopControl
+from storage.audit import verify_chain
+from storage.context import StoreContext
+from storage.home import DataHome
+from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus, Metric, Phase
+from storage.queue import submit
+from storage.records import make_correction
+
+FACTS = [
+    ("The capital of {} is", "France", "Rome", "Paris"),
+    ("The mother tongue of {} is", "Danielle Darrieux", "English", "French"),
+    ("{} plays the", "Toko Yasuda", "piano", "guitar"),
+    ("The official language of {} is", "Brazil", "German", "Portuguese"),
+]
+
+
+@pytest.fixture
+def store(tmp_path: Path, db_url: str, tiny_stats: Path) -> StoreContext:
+    home = DataHome(tmp_path / "home")
+    home.create()
+    home.stats_dir.rmdir()
+    home.stats_dir.symlink_to(tiny_stats, target_is_directory=True)
+    context = StoreContext(home=home, db_url=db_url)
+    yield context
+    context.close()
+
+
+@pytest.fixture
+def log() -> io.StringIO:
+    return io.StringIO()
+
+
+def make_daemon(store: StoreContext, tiny, log: io.StringIO, stop: StopControl | None = None, **changes) -> Daemon:
+    model, hparams = tiny
+    options = {"model": str(model), "hparams_file": hparams, "device": "cpu", "health": HealthSettings(every=0)}
+    settings = DaemonSettings(**(options | changes))
+    return Daemon(store, settings, configure_logging("text", stream=log), stop, progress=False)
+
+
+def submit_facts(store: StoreContext, facts=FACTS) -> None:
+    with store.sessions().begin() as session:
+        for prompt, subject, target, original in facts:
+            submit(session, make_correction(prompt, subject, target, original_answer=original), "alice")
+
+
+def statuses(store: StoreContext) -> dict[int, str]:
+    with store.sessions()() as session:
+        return {c.id: c.status.value for c in session.scalars(select(Correction).order_by(Correction.id))}
+
+
+def contents(store: StoreContext, checkpoint_id: int):
+    with store.sessions()() as session:
+        row = session.get(Checkpoint, checkpoint_id)
+    return read_checkpoint(store.home.checkpoints_dir / row.path, row.sha256, "test", "cpu")
+
+
+def test_revert_restores_weights_and_state_exactly_and_marks_later_corrections(store, tiny, log, one_thread):
+    submit_facts(store)
+    daemon = make_daemon(store, tiny, log, retention=Retention(keep_last=3, keep_every=0))
+    report = daemon.apply_pending()
+    assert [b.checkpoint_id for b in report.batches] == [2, 3, 4, 5]
+    with store.sessions().begin() as session:
+        pruned = {c.id for c in session.scalars(select(Checkpoint).where(Checkpoint.pruned))}
+        assert pruned == {2}  # kept: the first (1) and the newest three (3, 4, 5)
+        with pytest.raises(RevertRefused, match="checkpoint 2 was pruned by the retention setting"):
+            request_revert(session, 2, "alice")
+    assert not any(p.name.endswith(".tmp") for p in store.home.checkpoints_dir.rglob("*"))
+    with store.sessions().begin() as session:
+        request_revert(session, 4, "alice")
+    report = daemon.apply_pending()
+    assert [(r.restored_checkpoint, r.new_checkpoint, r.reverted) for r in report.reverts] == [(4, 6, [4])]
+    assert statuses(store) == {1: "applied", 2: "applied", 3: "applied", 4: "reverted"}
+    restored, now = contents(store, 4), contents(store, 6)
+    assert all(torch.equal(restored.weights[k], now.weights[k]) for k in restored.weights)
+    assert now.state.equals(restored.state) and now.state.steps == 3
+    live = daemon.ws.editor.edited_weights()
+    assert all(torch.equal(live[k], now.weights[k]) for k in live)
+    with store.sessions().begin() as session:
+        head = session.get(Checkpoint, 6)
+        assert head.parent_id == 4 and head.manifest["reverted_from"] == 5
+        assert head.manifest["applied_corrections"] == [1, 2, 3]
+        kinds = [e.kind for e in session.scalars(select(AuditEvent).where(AuditEvent.checkpoint_id == 6))]
+        assert kinds == ["checkpoint_written", "reverted", "reverted"]
+        assert verify_chain(session) is None
+    # the reverted correction can be submitted again and is applied on top of the restored state
+    submit_facts(store, FACTS[3:])
+    report = daemon.apply_pending()
+    assert [len(b.applied) for b in report.batches] == [1]
+    assert statuses(store)[5] == "applied"
+
+
+def test_health_checks_store_retention_and_drift_and_warn(store, tiny, log, one_thread):
+    submit_facts(store)
+    daemon = make_daemon(store, tiny, log, health=HealthSettings(every=2, sample_size=5, retention_warning=0.99))
+    report = daemon.apply_pending()
+    checked = [b.edit_id for b in report.batches if "health" in b.seconds]
+    assert checked == [2, 4]
+    with store.sessions().begin() as session:
+        rows = session.scalars(select(Metric).where(Metric.name.like("health.%"), Metric.edit_id == 4)).all()
+        names = {(m.name, m.phase, m.correction_id is None) for m in rows}
+        assert ("health.retention", Phase.POST, True) in names
+        assert ("health.perplexity", Phase.PRE, True) in names and ("health.perplexity", Phase.POST, True) in names
+        assert {m.correction_id for m in rows if m.name == "health.holds"} == {1, 2, 3}
+        event = session.scalars(select(AuditEvent).where(AuditEvent.kind == "health_checked")).all()[-1]
+        assert event.edit_id == 4 and event.payload["tested"] == 3
+    assert (store.home.stats_dir / daemon.model.removeprefix("sha256:")[:16] / "drift-sample.json").is_file()
+    text = log.getvalue()
+    assert "level=info event=health_checked edit=2" in text or "level=warning event=health_checked edit=2" in text
+    # the tiny random model cannot hold facts: retention is low, and the daemon says so
+    assert "level=warning event=retention_low" in text
+
+
+def test_a_changed_checkpoint_file_stops_the_start_with_a_clear_error(store, tiny, log, one_thread):
+    submit_facts(store, FACTS[:1])
+    make_daemon(store, tiny, log).apply_pending()
+    with store.sessions()() as session:
+        head = session.scalars(select(Checkpoint).order_by(Checkpoint.id.desc())).first()
+    path = store.home.checkpoints_dir / head.path
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(DaemonError, match=rf"checkpoint {head.id}: file .* altered or damaged; the daemon will not"):
+        make_daemon(store, tiny, log).apply_pending()
+    path.unlink()
+    with pytest.raises(DaemonError, match=rf"checkpoint {head.id}: file .* is missing"):
+        make_daemon(store, tiny, log).apply_pending()
+
+
+def test_settings_that_do_not_fit_the_checkpoints_are_refused(store, tiny, log, tmp_path, one_thread):
+    submit_facts(store, FACTS[:1])
+    make_daemon(store, tiny, log).apply_pending()
+    other = tmp_path / "other.toml"
+    other.write_text(tiny[1].read_text().replace("layers = [1, 2]", "layers = [2, 3]"))
+    with pytest.raises(DaemonError, match="does not fit these settings: state edits layers \\[1, 2\\]"):
+        make_daemon(store, tiny, log, hparams_file=other).apply_pending()
+
+
+def test_a_second_stop_signal_abandons_the_batch_and_requeues_it(store, tiny, log, one_thread, monkeypatch):
+    submit_facts(store, FACTS[:2])
+    stop = StopControl()
+    daemon = make_daemon(store, tiny, log, stop=stop)
+    daemon.load()
+    daemon.open()
+    untouched = daemon.ws.editor.edited_weights()
+    real_apply = daemon.ws.editor.apply
+
+    def interrupted(requests, state):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_apply(requests, state)
+
+    monkeypatch.setattr(daemon.ws.editor, "apply", interrupted)
+    with stop.handling_signals(), daemon.holding_lease(), pytest.raises(Abandon):
+        daemon.run_pass()
+    assert statuses(store) == {1: "pending", 2: "pending"}
+    live = daemon.ws.editor.edited_weights()
+    assert all(torch.equal(live[k], untouched[k]) for k in live)
+    assert 'event=claims_released corrections=1 reason="abandoned on a second stop signal"' in log.getvalue()
+    with store.sessions()() as session:
+        assert session.scalar(select(Correction.attempts).where(Correction.id == 1)) == 1
+        assert [c.status for c in session.scalars(select(Correction))] == [CorrectionStatus.PENDING] * 2
