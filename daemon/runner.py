@@ -383,7 +383,6 @@ class Daemon:
             "steps": state.steps,
             "edits": state.edits,
             "weights_sha256": tensors_sha256(weights),
-            "state_sha256": tensors_sha256(state.tensors()),
             "created_at": iso(created_at),
             **(extra or {}),
         }
@@ -861,7 +860,8 @@ class Daemon:
                 if report.batches or report.reverts:
                     self._event(logging.INFO, "pass_done", corrections=report.corrections, reverts=len(report.reverts))
                 next_run = wakeups.next_after(utcnow())
-                self._event(logging.INFO, "sleeping", until=iso(next_run))
+                if report.batches or report.reverts or not wakeups.at_start:  # polling an empty queue is quiet
+                    self._event(logging.INFO, "sleeping", until=iso(next_run))
                 continue
             self._check_heartbeat()
             if self._perform_reverts():
