@@ -171,7 +171,7 @@ class Editor:
         pre_target, pre_original = self._probabilities(requests)
         lap("probabilities")
 
-        pb = plan_batch(lm, encoded, list(state.prefixes))
+        pb = plan_batch(lm, encoded, [])
         h = subject_outputs(lm, pb, last)
         u = len(encoded)
         constraints = {
@@ -182,25 +182,31 @@ class Editor:
         operator_last = update_operator(keys_last, constraints[last])
         lap("plan_setup")
 
-        up = hp.upstream
-        upstream = optimise_plan(
-            lm,
-            pb,
-            torch.zeros_like(h),
-            residual_injector(lm, pb, last),
-            lambda d: up.weight_decay * (d.norm(dim=1) / h.norm(dim=1) ** 2).sum(),
-            up.clamp_norm_factor * h.norm(dim=1),
-            lr=up.lr,
-            max_steps=up.max_steps,
-            steps_after_success=up.steps_after_success,
-            kl_weight=up.kl_factor,
-        )
-        delta = upstream.delta
-        lap("upstream")
+        outer_on = hp.method == "metake" and hp.outer.steps > 0
+        delta = torch.zeros_like(h)
+        upstream_steps = [0] * u
+        if not outer_on or hp.outer.warm_start:
+            up = hp.upstream
+            upstream = optimise_plan(
+                lm,
+                pb,
+                delta,
+                residual_injector(lm, pb, last),
+                lambda d: up.weight_decay * (d.norm(dim=1) / h.norm(dim=1) ** 2).sum(),
+                up.clamp_norm_factor * h.norm(dim=1),
+                lr=up.lr,
+                max_steps=up.max_steps,
+                steps_after_success=up.steps_after_success,
+                kl_weight=up.kl_factor,
+            )
+            delta, upstream_steps = upstream.delta, upstream.steps
+            lap("upstream")
 
         outer_steps = [0] * u
-        if hp.method == "metake" and hp.outer.steps > 0:
-            delta, outer_steps = self._outer_loop(pb, delta, h, operator_last, last)
+        if outer_on:
+            generic = list(state.prefixes) if hp.outer.generic_kl else []
+            outer_pb = plan_batch(lm, encoded, generic) if generic else pb
+            delta, outer_steps = self._outer_loop(outer_pb, delta, h, operator_last, last)
             lap("outer")
         if not torch.isfinite(delta).all():
             raise EditFailed("the planned target has NaN or infinite values")
@@ -234,7 +240,7 @@ class Editor:
                     plan_ratio=float(delta[r].norm() / h[r].norm()),
                     realised_gain=float(gain[r, r]),
                     realised_norm=float(realised[:, r].norm()),
-                    upstream_steps=upstream.steps[r],
+                    upstream_steps=upstream_steps[r],
                     outer_steps=outer_steps[r],
                     pre_target_prob=pre_target[r],
                     post_target_prob=post_target[r],
@@ -265,8 +271,8 @@ class Editor:
             virtual_update_injector(self.loaded, layer, operator),
             price,
             outer.safety_clamp_factor * h.norm(dim=1),
-            lr=outer.lr,
-            max_steps=outer.steps,
+            lr=outer.lr if outer.warm_start else outer.lr_zero_start,
+            max_steps=outer.steps if outer.warm_start else self.hparams.upstream.max_steps,
             steps_after_success=outer.steps_after_success,
             kl_weight=outer.beta,
             margin=outer.target_margin,

@@ -64,6 +64,12 @@ class OuterParams:
     steps_after_success: int = 1
     target_margin: float = 0.0
     """Stop once every target token is the top prediction with this log-probability margin."""
+    warm_start: bool = True
+    """Start from the upstream plan (True) or from zero, skipping the upstream stage (False)."""
+    lr_zero_start: float = 0.5
+    """Learning rate when starting from zero (the upstream's, since the loop then does its work)."""
+    generic_kl: bool = True
+    """Also anchor the next-token distribution after the generic prefixes (unrelated text)."""
 
 
 @dataclass(frozen=True)

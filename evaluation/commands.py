@@ -1,0 +1,117 @@
+"""``metake bench``: the benchmark table of MetaKE against AlphaEdit and MEMIT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from engine.hparams import METHODS, EditHyperParams
+from engine.models import ModelLoadError, load_model
+from evaluation.bench import format_table, run_benchmark
+from evaluation.counterfact import load_counterfact
+from storage.home import resolve_home
+
+
+def _read_text_sample(path: Path | None, max_chars: int) -> list[str]:
+    if path is None:
+        return []
+    try:
+        return [path.read_text(errors="replace")[:max_chars]]
+    except OSError as exc:
+        raise click.ClickException(f"cannot read the perplexity text {path}: {exc.strerror}") from exc
+
+
+@click.command()
+@click.option(
+    "--data",
+    "data",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="A CounterFact JSON file (EasyEdit format).",
+)
+@click.option("--n", "n", type=click.IntRange(min=1), default=200, show_default=True, help="Records, from the first.")
+@click.option("--methods", default="metake,alphaedit,memit", show_default=True, help="Comma-separated methods.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--model", "model", default="default", show_default=True, help="HF model directory, .gguf file, or default."
+)
+@click.option("--hparams", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Hyperparameter TOML.")
+@click.option("--stats-source", help="C0 text source: 'model' or a text file/folder (overrides the hparams).")
+@click.option("--stats-tokens", type=click.IntRange(min=1000), help="Tokens for C0 (overrides the hparams).")
+@click.option("--layers", help="Comma-separated critical layers (overrides the hparams).")
+@click.option(
+    "--ppl-text",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A text file whose first --ppl-chars characters measure perplexity drift.",
+)
+@click.option("--ppl-chars", type=click.IntRange(min=1000), default=20000, show_default=True)
+@click.option(
+    "--fluency-n",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="Records whose rewrite prompt is continued for the fluency figure.",
+)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present).")
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per method instead of a table.")
+@click.pass_context
+def bench(
+    ctx: click.Context,
+    data: Path,
+    n: int,
+    methods: str,
+    batch_size: int,
+    model: str,
+    hparams: Path | None,
+    stats_source: str | None,
+    stats_tokens: int | None,
+    layers: str | None,
+    ppl_text: Path | None,
+    ppl_chars: int,
+    fluency_n: int,
+    device: str | None,
+    dtype: str,
+    as_json: bool,
+) -> None:
+    """Edit the first N records in sequence with each method on the same model; print one table."""
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown or not chosen:
+        raise click.UsageError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+    home = getattr(ctx.obj, "home", None) or resolve_home(None)
+    try:
+        loaded = load_model(model, cache_dir=home.models_dir, device=device, dtype=dtype)
+    except ModelLoadError as exc:
+        raise click.ClickException(str(exc)) from exc
+    hp = EditHyperParams.from_file(hparams) if hparams else EditHyperParams.defaults_for(loaded.model_type)
+    if stats_source or stats_tokens:
+        hp = hp.with_changes(stats={k: v for k, v in (("source", stats_source), ("n_tokens", stats_tokens)) if v})
+    if layers:
+        hp = hp.with_changes(layers=[int(x) for x in layers.split(",")])
+    records = load_counterfact(data, n)
+    results = run_benchmark(
+        loaded,
+        hp,
+        records,
+        chosen,
+        batch_size,
+        home.stats_dir,
+        _read_text_sample(ppl_text, ppl_chars),
+        fluency_n,  # type: ignore[arg-type]
+    )
+    rows = [r.summary() for r in results]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(
+        f"model {loaded.source} ({loaded.identity[:19]}), layers {list(hp.layers)}, {len(records)} records, "
+        f"batch size {batch_size}, device {loaded.device}, C0 source {hp.stats.source} ({hp.stats.n_tokens} tok)"
+    )
+    click.echo(format_table(rows))
+
+
+if __name__ == "__main__":
+    bench()

@@ -1,0 +1,121 @@
+"""CounterFact metrics (MEMIT/AlphaEdit definitions) and the continuous figures beside them.
+
+Binary specificity is blunt on a small model, so next to efficacy, generalisation, specificity
+and fluency this module reports continuous figures: the shift of neighbour prompts' true-answer
+log-probability, perplexity on a fixed text, and (in the benchmark) relative weight change.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from statistics import median
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from engine.scoring import completion_scores
+from evaluation.counterfact import CounterFactRecord
+
+
+@dataclass(frozen=True)
+class RecordScores:
+    """Total log-probabilities of the new and the true answer on each of a record's prompts."""
+
+    rewrite: tuple[float, float]
+    paraphrase: tuple[float, float]
+    neighborhood: tuple[float, float]
+
+
+def score_records(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[CounterFactRecord]
+) -> list[RecordScores]:
+    prompts: list[str] = []
+    answers: list[str] = []
+    for r in records:
+        for prompt in (r.prompt, r.paraphrase, r.neighborhood):
+            prompts += [prompt, prompt]
+            answers += [r.target_new, r.target_true]
+    flat = completion_scores(model, tokenizer, prompts, answers)
+    out = []
+    for i in range(len(records)):
+        s = flat[6 * i : 6 * i + 6]
+        out.append(RecordScores((s[0], s[1]), (s[2], s[3]), (s[4], s[5])))
+    return out
+
+
+def counterfact_metrics(scores: list[RecordScores], before: list[RecordScores] | None = None) -> dict[str, float]:
+    """Efficacy, generalisation, specificity (percent), and neighbour log-prob shift if ``before`` is given."""
+    n = len(scores)
+    metrics = {
+        "efficacy": 100.0 * sum(s.rewrite[0] > s.rewrite[1] for s in scores) / n,
+        "generalisation": 100.0 * sum(s.paraphrase[0] > s.paraphrase[1] for s in scores) / n,
+        "specificity": 100.0 * sum(s.neighborhood[1] > s.neighborhood[0] for s in scores) / n,
+    }
+    if before is not None:
+        shifts = [abs(a.neighborhood[1] - b.neighborhood[1]) for a, b in zip(scores, before, strict=True)]
+        metrics["neighbor_logprob_shift"] = median(shifts)
+    return metrics
+
+
+def ngram_entropy(text: str, n: int) -> float:
+    words = text.split()
+    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    total = sum(grams.values())
+    return -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+
+
+def fluency_of(text: str) -> float:
+    """MEMIT's fluency: mean of 2/3 x bigram and 4/3 x trigram entropy (bits), x100."""
+    return 100.0 * (2 / 3 * ngram_entropy(text, 2) + 4 / 3 * ngram_entropy(text, 3)) / 2
+
+
+@torch.no_grad()
+def generate_greedy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, batch: int = 16
+) -> list[str]:
+    device = next(model.parameters()).device
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch):
+        enc = tokenizer(prompts[start : start + batch], return_tensors="pt", padding=True, padding_side="left")
+        out = model.generate(
+            **enc.to(device), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
+        )
+        texts.extend(tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True))
+    return texts
+
+
+def fluency(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int = 64
+) -> float:
+    """Mean fluency of greedy continuations of ``prompts``."""
+    texts = generate_greedy(model, tokenizer, prompts, max_new_tokens)
+    return sum(fluency_of(p + t) for p, t in zip(prompts, texts, strict=True)) / len(texts)
+
+
+@torch.no_grad()
+def perplexity(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], window: int = 256, batch: int = 8
+) -> float:
+    """Token-level perplexity of ``texts`` cut into windows of ``window`` tokens."""
+    device = next(model.parameters()).device
+    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    windows = [seq[i : i + window] for seq in ids for i in range(0, len(seq), window) if len(seq[i : i + window]) > 1]
+    total, count = 0.0, 0
+    pad = tokenizer.pad_token_id or 0
+    for start in range(0, len(windows), batch):
+        chunk = windows[start : start + batch]
+        width = max(len(w) for w in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for i, w in enumerate(chunk):
+            input_ids[i, : len(w)] = torch.tensor(w)
+            mask[i, : len(w)] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
+        keep = mask[:, 1:].bool()
+        total -= float(logp[keep].sum())
+        count += int(keep.sum())
+    return math.exp(total / count)
