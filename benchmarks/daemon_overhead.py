@@ -27,6 +27,7 @@ from daemon.demo_facts import DEMO_RECORDS
 from daemon.logs import configure_logging
 from daemon.reverts import request_revert
 from daemon.runner import BatchReport, Daemon
+from daemon.service import run_pass
 from daemon.settings import DaemonSettings, HealthSettings
 from storage.context import StoreContext
 from storage.home import DataHome
@@ -90,13 +91,13 @@ def main() -> None:
     daemon.open()
     first_open = time.perf_counter() - started
     with daemon.holding_lease():
-        report = daemon.run_pass()
+        report = run_pass(daemon)
         with store.sessions()() as session:
             rows = list(session.query(Checkpoint).order_by(Checkpoint.id))
         with store.sessions().begin() as session:
             request_revert(session, rows[1].id, "benchmark")
         started = time.perf_counter()
-        reverts = daemon.run_pass().reverts
+        reverts = run_pass(daemon).reverts
         revert_pass = time.perf_counter() - started
     loaded = daemon.ws.loaded
     print(f"model: {loaded.source} ({loaded.identity[:19]}…) on {loaded.device}, {loaded.dtype}")

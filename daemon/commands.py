@@ -26,7 +26,7 @@ from storage.context import StoreContext
 from storage.records import check_submitter
 
 if TYPE_CHECKING:
-    from daemon.runner import PassReport
+    from daemon.service import PassReport
 
 CommandFunction = TypeVar("CommandFunction", bound=Callable[..., Any])
 
@@ -126,13 +126,14 @@ def daemon(
     wakeups: Wakeups = parse_cron(schedule, timezone) if schedule is not None else Every(interval or 10.0)
     settings = settings_from(options)
     from daemon.runner import Daemon  # loads torch: imported here, see the module docstring
+    from daemon.service import serve
 
     logger = configure_logging(options["log_format"])
     stop = StopControl()
     runner = Daemon(store, settings, logger, stop, progress=options["progress"])
     with stop.handling_signals():
         try:
-            runner.serve(wakeups)
+            serve(runner, wakeups)
         except Abandon:
             logger.info("stopped", extra={"metake_fields": {"batch": "abandoned"}})
 
@@ -148,13 +149,14 @@ def apply(store: StoreContext, max_corrections: int | None, **options: Any) -> N
     """
     settings = settings_from(options)
     from daemon.runner import Daemon  # loads torch: imported here, see the module docstring
+    from daemon.service import apply_pending
 
     logger = configure_logging(options["log_format"])
     stop = StopControl()
     runner = Daemon(store, settings, logger, stop, progress=options["progress"])
     with stop.handling_signals():
         try:
-            report = runner.apply_pending(max_corrections)
+            report = apply_pending(runner, max_corrections)
         except Abandon:
             click.echo("stopped: the batch in flight was abandoned and its corrections queued again", err=True)
             return

@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from daemon.demo_facts import DEMO_RECORDS
 from daemon.runner import Daemon
+from daemon.service import apply_pending
 from daemon.settings import DaemonSettings
 from daemon.stopping import StopControl
 from storage.audit import event_count, verify_chain
@@ -57,7 +58,7 @@ def run_demo(root: Path, settings: DaemonSettings, logger: logging.Logger, stop:
         click.echo(f"submitted {len(ids)} CounterFact corrections; the daemon applies them one batch each")
         click.echo("(the first run converts the model and computes its statistics: minutes on a CPU)\n")
         runner = Daemon(store, settings, logger, stop)
-        runner.apply_pending()
+        apply_pending(runner)
         print_results(store)
         click.echo("\nexplore it further:")
         where = f"metake --home {root}"

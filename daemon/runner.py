@@ -6,14 +6,13 @@ moves forward to a state whose checkpoint is committed; when anything fails befo
 it is put back to the last committed checkpoint and the claimed corrections return to the queue.
 A kill -9 at any point is recovered at the next start the same way (see ``_recover``).
 
-``metake apply`` calls :meth:`Daemon.apply_pending`; ``metake daemon`` calls :meth:`Daemon.serve`.
-Both use the same batch code.
+When to work (one pass for ``metake apply``, wake-ups for ``metake daemon``) is daemon.service's
+job; both use the batch code here.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +23,6 @@ from typing import Any
 import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
-from tqdm.auto import tqdm
 
 from daemon import ledger
 from daemon.checkpoint_files import (
@@ -39,7 +37,7 @@ from daemon.checkpoint_files import (
     write_checkpoint,
 )
 from daemon.faults import crash_point
-from daemon.health import perplexity, sample_sha256
+from daemon.health import sample_sha256
 from daemon.lease import (
     Heartbeat,
     Lease,
@@ -52,18 +50,17 @@ from daemon.lease import (
     worker_name,
 )
 from daemon.ledger import Figure
+from daemon.lifelong import HealthCheck, sample_earlier
 from daemon.lineage import applied_corrections, head_checkpoint
-from daemon.logs import log_event, progress_safe_logging
+from daemon.logs import log_event
 from daemon.measure import (
     edit_request,
     engine_figures,
-    facts_hold,
     generalisation_and_locality,
     probe_for,
     prompt_figures,
 )
 from daemon.reverts import RevertRefused, check_target, lock_corrections, pending_requests, refuse, settle_done
-from daemon.schedule import Wakeups
 from daemon.settings import DaemonSettings
 from daemon.stopping import Abandon, StopControl
 from daemon.workspace import Workspace, load_base_model, open_workspace
@@ -73,13 +70,10 @@ from engine.state import EditorState, StateMismatch
 from storage.audit import AuditKind, append_event
 from storage.context import StoreContext
 from storage.errors import StoreError
-from storage.models import Checkpoint, Correction, CorrectionStatus, Phase
+from storage.models import Checkpoint, Correction, Phase
 from storage.queue import claim_batch, mark_applied, mark_failed, mark_rejected, release_claimed
 from storage.serialize import iso
 from storage.types import utcnow
-
-STANDBY_LOG_EVERY_S = 60.0
-REVERT_CHECK_EVERY_S = 5.0
 
 
 class DaemonError(StoreError):
@@ -107,18 +101,6 @@ class RevertReport:
     reverted: list[int]
     refused: str | None = None
     seconds: float = 0.0
-
-
-@dataclass
-class PassReport:
-    """One pass over the queue: the reverts performed and batches applied."""
-
-    batches: list[BatchReport] = field(default_factory=list)
-    reverts: list[RevertReport] = field(default_factory=list)
-
-    @property
-    def corrections(self) -> int:
-        return sum(len(b.claimed) for b in self.batches)
 
 
 @dataclass
@@ -190,7 +172,7 @@ class Daemon:
         self.state: EditorState | None = None
         self.current: Checkpoint | None = None
         """The committed checkpoint whose weights and state are live in memory (None: not restored)."""
-        self._baseline_perplexity: float | None = None
+        self._health: HealthCheck | None = None
 
     # ----- start-up ---------------------------------------------------------------------------
 
@@ -288,7 +270,7 @@ class Daemon:
         removed = remove_unlisted(home.checkpoints_dir / model_folder(self.model), keep, home.checkpoints_dir)
         if removed:
             self._event(logging.WARNING, "orphan_files_removed", files=[p.name for p in removed])
-        reverts = self._perform_reverts()
+        reverts = self.perform_reverts()
         if self.current is None:
             self._restore_head()
         return reverts
@@ -420,7 +402,8 @@ class Daemon:
 
     # ----- reverts --------------------------------------------------------------------------
 
-    def _perform_reverts(self) -> list[RevertReport]:
+    def perform_reverts(self) -> list[RevertReport]:
+        """Perform the model's pending revert requests, oldest first."""
         with self.sessions() as session:
             requests = [(r.id, r.checkpoint_id) for r in pending_requests(session, self.model)]
         return [self._perform_revert(request_id, checkpoint_id) for request_id, checkpoint_id in requests]
@@ -691,112 +674,48 @@ class Daemon:
             self._event(logging.ERROR, "health_check_failed", edit=report.edit_id, error=str(error))
 
     def _check_health(self, report: BatchReport) -> None:
-        """Re-test a sample of earlier corrections and measure drift; store both, warn if retention is low."""
+        """Re-test earlier corrections and measure drift; store both, warn if retention is low."""
+        assert report.edit_id is not None
         started = time.perf_counter()
-        loaded = self.ws.loaded
+        if self._health is None:
+            self._health = HealthCheck(self.ws)
+        size = self.settings.health.sample_size
         with self.sessions() as session:
-            earlier = [
-                c
-                for c in session.scalars(select(Correction).where(Correction.status == CorrectionStatus.APPLIED))
-                if c.id not in report.applied and c.edit_id is not None
-            ]
-        sample = random.Random(report.edit_id).sample(earlier, min(len(earlier), self.settings.health.sample_size))
-        held = facts_hold(loaded.model, loaded.tokenizer, [probe_for(c) for c in sample])
-        figures: list[Figure] = []
-        for correction_id, (target_prob, holds) in held.items():
-            figures.append(Figure(correction_id, "health.target_prob", Phase.POST, target_prob))
-            figures.append(Figure(correction_id, "health.holds", Phase.POST, float(holds)))
-        retention = sum(h for _, h in held.values()) / len(held) if held else None
-        if retention is not None:
-            figures.append(Figure(None, "health.retention", Phase.POST, retention))
-        drift: dict[str, float] = {}
-        texts = self.ws.drift_texts
-        if texts:
-            now = perplexity(loaded.model, loaded.tokenizer, texts)
-            base = self._base_perplexity()
-            drift = {"perplexity": now, "base_perplexity": base, "perplexity_ratio": now / base}
-            figures.append(Figure(None, "health.perplexity", Phase.PRE, base))
-            figures.append(Figure(None, "health.perplexity", Phase.POST, now))
-            figures.append(Figure(None, "health.perplexity_ratio", Phase.POST, now / base))
+            earlier = sample_earlier(session, report.applied, size, seed=report.edit_id)
+        findings = self._health.measure(earlier)
         with self.sessions.begin() as session:
             self._confirm(session)
-            ledger.add_metrics(session, report.edit_id, figures)
-            append_event(
-                session,
-                AuditKind.HEALTH_CHECKED,
-                actor=self.actor,
-                edit_id=report.edit_id,
-                payload={"retention": retention, "tested": len(held), "sample": sample_sha256(texts), **drift},
-            )
+            ledger.add_metrics(session, report.edit_id, findings.figures)
+            payload = {"retention": findings.retention, "tested": findings.tested, **findings.drift}
+            payload["sample"] = sample_sha256(self.ws.drift_texts)
+            append_event(session, AuditKind.HEALTH_CHECKED, actor=self.actor, edit_id=report.edit_id, payload=payload)
         level = logging.INFO
-        if retention is not None and retention < self.settings.health.retention_warning:
+        threshold = self.settings.health.retention_warning
+        if findings.retention is not None and findings.retention < threshold:
             level = logging.WARNING
             self._event(
-                level,
-                "retention_low",
-                retention=retention,
-                threshold=self.settings.health.retention_warning,
-                forgotten=[i for i, (_, h) in held.items() if not h],
+                level, "retention_low", retention=findings.retention, threshold=threshold, forgotten=findings.forgotten
             )
         self._event(
             level,
             "health_checked",
             edit=report.edit_id,
-            retention=retention,
-            tested=len(held),
+            retention=findings.retention,
+            tested=findings.tested,
             seconds=time.perf_counter() - started,
-            **drift,
+            **findings.drift,
         )
 
-    def _base_perplexity(self) -> float:
-        """The unedited model's perplexity on the sample, measured once per process by swapping weights."""
-        if self._baseline_perplexity is None:
-            editor, loaded = self.ws.editor, self.ws.loaded
-            live = editor.edited_weights()
-            try:
-                editor.load_weights(self.ws.base_weights)
-                self._baseline_perplexity = perplexity(loaded.model, loaded.tokenizer, self.ws.drift_texts)
-            finally:
-                editor.load_weights(live)
-        return self._baseline_perplexity
+    # ----- between batches --------------------------------------------------------------------
 
-    # ----- passes and the long-running loop ---------------------------------------------------
-
-    def _pending(self) -> int:
+    def pending_count(self) -> int:
         with self.sessions() as session:
             return ledger.pending_count(session)
 
-    def _check_heartbeat(self) -> None:
+    def check_heartbeat(self) -> None:
+        """Raise LeaseLost if the heartbeat found the lease taken over since the last look."""
         if self.heartbeat is not None and self.heartbeat.lost.is_set():
             raise LeaseLost("the lease heartbeat found the lease taken over")
-
-    def run_pass(self, max_corrections: int | None = None) -> PassReport:
-        """Perform pending reverts, then apply batches until the queue is empty (or the limit)."""
-        report = PassReport()
-        pending = self._pending()
-        total = pending if max_corrections is None else min(pending, max_corrections)
-        disable = None if self.progress is None else not self.progress
-        with (
-            progress_safe_logging(self.log),
-            tqdm(total=total, unit="correction", desc="applying", disable=disable, leave=False) as bar,
-        ):
-            while not self.stop.requested:
-                self._check_heartbeat()
-                report.reverts += self._perform_reverts()
-                limit = self.settings.batch_size
-                if max_corrections is not None:
-                    limit = min(limit, max_corrections - report.corrections)
-                if limit <= 0:
-                    break
-                batch = self.apply_batch(limit)
-                if batch is None:
-                    break
-                report.batches.append(batch)
-                bar.update(len(batch.claimed))
-                if max_corrections is None:
-                    bar.total = report.corrections + self._pending()
-                    bar.refresh()
-        return report
 
     @contextmanager
     def holding_lease(self) -> Iterator[list[RevertReport]]:
@@ -806,65 +725,3 @@ class Daemon:
             yield self.recover()
         finally:
             self.release()
-
-    def apply_pending(self, max_corrections: int | None = None) -> PassReport:
-        """``metake apply``: one pass in the foreground; LeaseHeld if a daemon is running."""
-        self.load()
-        self.check_lease_free()
-        self.open()
-        with self.holding_lease() as reverts:
-            report = self.run_pass(max_corrections)
-        report.reverts[:0] = reverts
-        return report
-
-    def serve(self, wakeups: Wakeups) -> None:
-        """``metake daemon``: wait for the lease, then work at every wake-up until stopped."""
-        self.load()
-        self.open()
-        self._event(logging.INFO, "daemon_started", worker=self.worker, wakeups=wakeups.describe())
-        while not self.stop.requested:
-            if not self._wait_for_lease():
-                break
-            try:
-                with self.holding_lease():
-                    self._serve_holding(wakeups)
-            except LeaseLost as error:
-                self._event(logging.ERROR, "lease_lost", reason=str(error), action="standing by")
-        self._event(logging.INFO, "daemon_stopped", worker=self.worker)
-
-    def _wait_for_lease(self) -> bool:
-        """Stand by until the lease can be taken; False if stopped first."""
-        last_logged = -STANDBY_LOG_EVERY_S
-        while not self.stop.requested:
-            try:
-                with self.sessions() as session:
-                    holder = live_holder(session, self.model, self.worker)
-            except StoreError as error:
-                holder = f"unknown ({error})"
-            if holder is None:
-                return True
-            if time.monotonic() - last_logged >= STANDBY_LOG_EVERY_S:
-                self._event(logging.INFO, "standing_by", reason=f"the model is being edited by {holder}")
-                last_logged = time.monotonic()
-            if self.stop.wait(min(self.settings.lease_seconds / 6, 5.0)):
-                return False
-        return False
-
-    def _serve_holding(self, wakeups: Wakeups) -> None:
-        next_run = utcnow() if wakeups.at_start else wakeups.next_after(utcnow())
-        if not wakeups.at_start:
-            self._event(logging.INFO, "sleeping", until=iso(next_run))
-        while not self.stop.requested:
-            if utcnow() >= next_run:
-                report = self.run_pass()
-                if report.batches or report.reverts:
-                    self._event(logging.INFO, "pass_done", corrections=report.corrections, reverts=len(report.reverts))
-                next_run = wakeups.next_after(utcnow())
-                if report.batches or report.reverts or not wakeups.at_start:  # polling an empty queue is quiet
-                    self._event(logging.INFO, "sleeping", until=iso(next_run))
-                continue
-            self._check_heartbeat()
-            if self._perform_reverts():
-                continue
-            left = (next_run - utcnow()).total_seconds()
-            self.stop.wait(min(left, REVERT_CHECK_EVERY_S))

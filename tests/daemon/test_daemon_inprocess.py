@@ -15,6 +15,7 @@ from daemon.checkpoint_files import read_checkpoint
 from daemon.logs import configure_logging
 from daemon.reverts import RevertRefused, request_revert
 from daemon.runner import Daemon, DaemonError
+from daemon.service import apply_pending, run_pass
 from daemon.settings import DaemonSettings, HealthSettings, Retention
 from daemon.stopping import Abandon, StopControl
 from storage.audit import verify_chain
@@ -75,7 +76,7 @@ def contents(store: StoreContext, checkpoint_id: int):
 def test_revert_restores_weights_and_state_exactly_and_marks_later_corrections(store, tiny, log, one_thread):
     submit_facts(store)
     daemon = make_daemon(store, tiny, log, retention=Retention(keep_last=3, keep_every=0))
-    report = daemon.apply_pending()
+    report = apply_pending(daemon)
     assert [b.checkpoint_id for b in report.batches] == [2, 3, 4, 5]
     with store.sessions().begin() as session:
         pruned = {c.id for c in session.scalars(select(Checkpoint).where(Checkpoint.pruned))}
@@ -85,7 +86,7 @@ def test_revert_restores_weights_and_state_exactly_and_marks_later_corrections(s
     assert not any(p.name.endswith(".tmp") for p in store.home.checkpoints_dir.rglob("*"))
     with store.sessions().begin() as session:
         request_revert(session, 4, "alice")
-    report = daemon.apply_pending()
+    report = apply_pending(daemon)
     assert [(r.restored_checkpoint, r.new_checkpoint, r.reverted) for r in report.reverts] == [(4, 6, [4])]
     assert statuses(store) == {1: "applied", 2: "applied", 3: "applied", 4: "reverted"}
     restored, now = contents(store, 4), contents(store, 6)
@@ -102,7 +103,7 @@ def test_revert_restores_weights_and_state_exactly_and_marks_later_corrections(s
         assert verify_chain(session) is None
     # the reverted correction can be submitted again and is applied on top of the restored state
     submit_facts(store, FACTS[3:])
-    report = daemon.apply_pending()
+    report = apply_pending(daemon)
     assert [len(b.applied) for b in report.batches] == [1]
     assert statuses(store)[5] == "applied"
 
@@ -110,7 +111,7 @@ def test_revert_restores_weights_and_state_exactly_and_marks_later_corrections(s
 def test_health_checks_store_retention_and_drift_and_warn(store, tiny, log, one_thread):
     submit_facts(store)
     daemon = make_daemon(store, tiny, log, health=HealthSettings(every=2, sample_size=5, retention_warning=0.99))
-    report = daemon.apply_pending()
+    report = apply_pending(daemon)
     checked = [b.edit_id for b in report.batches if "health" in b.seconds]
     assert checked == [2, 4]
     with store.sessions().begin() as session:
@@ -130,7 +131,7 @@ def test_health_checks_store_retention_and_drift_and_warn(store, tiny, log, one_
 
 def test_a_changed_checkpoint_file_stops_the_start_with_a_clear_error(store, tiny, log, one_thread):
     submit_facts(store, FACTS[:1])
-    make_daemon(store, tiny, log).apply_pending()
+    apply_pending(make_daemon(store, tiny, log))
     with store.sessions()() as session:
         head = session.scalars(select(Checkpoint).order_by(Checkpoint.id.desc())).first()
     path = store.home.checkpoints_dir / head.path
@@ -138,19 +139,19 @@ def test_a_changed_checkpoint_file_stops_the_start_with_a_clear_error(store, tin
     data[-1] ^= 1
     path.write_bytes(bytes(data))
     with pytest.raises(DaemonError, match=rf"checkpoint {head.id}: file .* altered or damaged; the daemon will not"):
-        make_daemon(store, tiny, log).apply_pending()
+        apply_pending(make_daemon(store, tiny, log))
     path.unlink()
     with pytest.raises(DaemonError, match=rf"checkpoint {head.id}: file .* is missing"):
-        make_daemon(store, tiny, log).apply_pending()
+        apply_pending(make_daemon(store, tiny, log))
 
 
 def test_settings_that_do_not_fit_the_checkpoints_are_refused(store, tiny, log, tmp_path, one_thread):
     submit_facts(store, FACTS[:1])
-    make_daemon(store, tiny, log).apply_pending()
+    apply_pending(make_daemon(store, tiny, log))
     other = tmp_path / "other.toml"
     other.write_text(tiny[1].read_text().replace("layers = [1, 2]", "layers = [2, 3]"))
     with pytest.raises(DaemonError, match="does not fit these settings: state edits layers \\[1, 2\\]"):
-        make_daemon(store, tiny, log, hparams_file=other).apply_pending()
+        apply_pending(make_daemon(store, tiny, log, hparams_file=other))
 
 
 def test_a_second_stop_signal_abandons_the_batch_and_requeues_it(store, tiny, log, one_thread, monkeypatch):
@@ -169,7 +170,7 @@ def test_a_second_stop_signal_abandons_the_batch_and_requeues_it(store, tiny, lo
 
     monkeypatch.setattr(daemon.ws.editor, "apply", interrupted)
     with stop.handling_signals(), daemon.holding_lease(), pytest.raises(Abandon):
-        daemon.run_pass()
+        run_pass(daemon)
     assert statuses(store) == {1: "pending", 2: "pending"}
     live = daemon.ws.editor.edited_weights()
     assert all(torch.equal(live[k], untouched[k]) for k in live)
