@@ -87,18 +87,17 @@ def print_results(store: StoreContext) -> None:
             values[metric.correction_id][(metric.name, metric.phase)] = metric.value
     click.echo("")
     click.echo(
-        f"{'id':>2}  {'status':8} {'fact (new answer / old answer)':58} {'P(new) before → after':>22}  "
-        f"{'P(old) after':>12}  {'paraphrase':>10}  {'neighbour kept':>14}"
+        f"{'id':>2}  {'status':8}  {'prompt':44}  {'new':10}  {'old':10}  {'P(new) before → after':>21}  "
+        f"{'P(old) after':>12}  {'paraphrase P(new)':>17}  {'neighbour kept':>14}"
     )
     for c in corrections:
         own = values.get(c.id, {})
-        fact = f"{c.filled_prompt()} {c.target} / {c.original_answer}"
-        before = own.get(("target_prob", Phase.PRE))
-        after = own.get(("target_prob", Phase.POST))
+        change = f"{_prob(own.get(('target_prob', Phase.PRE)))} → {_prob(own.get(('target_prob', Phase.POST)))}"
         click.echo(
-            f"{c.id:>2}  {c.status.value:8} {fact[:58]:58} {_prob(before):>10} → {_prob(after):<9}  "
+            f"{c.id:>2}  {c.status.value:8}  {_cut(c.filled_prompt(), 44):44}  {_cut(c.target, 10):10}  "
+            f"{_cut(c.original_answer or '-', 10):10}  {change:>21}  "
             f"{_prob(own.get(('original_prob', Phase.POST))):>12}  "
-            f"{_prob(own.get(('paraphrase_target_prob', Phase.POST))):>10}  "
+            f"{_prob(own.get(('paraphrase_target_prob', Phase.POST))):>17}  "
             f"{_prob(own.get(('neighbor_kept', Phase.POST))):>14}"
         )
     retention = batch.get(("health.retention", Phase.POST))
@@ -115,6 +114,10 @@ def print_results(store: StoreContext) -> None:
     click.echo(
         f"audit chain: {'verified' if broken is None else 'BROKEN at event ' + str(broken.event_id)}, {events} events"
     )
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _prob(value: float | None) -> str:

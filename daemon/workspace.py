@@ -37,8 +37,23 @@ class Workspace:
         return self.editor.hparams
 
 
+def check_device(name: str | None) -> None:
+    """Refuse a device string torch does not know, or an accelerator this machine lacks."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise InvalidInput(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput(f"--device {name}: no CUDA device is available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InvalidInput(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def load_base_model(settings: DaemonSettings, home: DataHome) -> LoadedModel:
     """The base model from the settings (cached in the home); bad settings become InvalidInput."""
+    check_device(settings.device)
     try:
         return load_model(settings.model, cache_dir=home.models_dir, device=settings.device, dtype=settings.dtype)
     except (ModelLoadError, ValueError) as error:
