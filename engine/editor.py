@@ -198,6 +198,7 @@ class Editor:
                 max_steps=up.max_steps,
                 steps_after_success=up.steps_after_success,
                 kl_weight=up.kl_factor,
+                replay_upto=last,
             )
             delta, upstream_steps = upstream.delta, upstream.steps
             lap("upstream")
@@ -276,6 +277,7 @@ class Editor:
             steps_after_success=outer.steps_after_success,
             kl_weight=outer.beta,
             margin=outer.target_margin,
+            replay_upto=layer - 1,
         )
         return result.delta, result.steps
 

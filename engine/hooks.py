@@ -118,3 +118,48 @@ def run_until_stopped(model: nn.Module, **inputs: torch.Tensor) -> None:
     """Run a forward pass that a :class:`StopForward` hook is expected to end."""
     with suppress(StopForward):
         model(**inputs, use_cache=False)
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder block: returns the output the real block gave for the same input."""
+
+    def __init__(self, recorded: Any) -> None:
+        super().__init__()
+        self.recorded = recorded
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if hidden_of(self.recorded).shape != hidden_states.shape:
+            raise RuntimeError("a replayed block was called on other inputs than it recorded")
+        return self.recorded
+
+
+@contextmanager
+def replay_lower_layers(model: nn.Module, layers: str, upto: int, **inputs: torch.Tensor) -> Iterator[None]:
+    """Inside the block, forwards of exactly ``inputs`` replay blocks ``0..upto`` instead of running them.
+
+    The target optimisation runs the same prompts dozens of times while only what happens after
+    block ``upto`` changes; recording the blocks' outputs once skips that share of every forward.
+    Hooks registered by name after entering (e.g. on block ``upto``) attach to the stand-ins.
+    """
+    container = get_module(model, layers)
+    names = [f"{layers}.{i}" for i in range(upto + 1)]
+    recorded: dict[str, Any] = {}
+
+    def make(name: str) -> ForwardHook:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            recorded[name] = output
+            if name == names[-1]:
+                raise StopForward
+
+        return hook
+
+    with torch.no_grad(), forward_hooks(model, {name: make(name) for name in names}):
+        run_until_stopped(model, **inputs)
+    originals = [container[i] for i in range(upto + 1)]
+    try:
+        for i, name in enumerate(names):
+            container[i] = _Replay(recorded[name])
+        yield
+    finally:
+        for i, module in enumerate(originals):
+            container[i] = module

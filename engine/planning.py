@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.hooks import add_at_positions, add_linear_update, capture_outputs, run_until_stopped
+from engine.hooks import add_at_positions, add_linear_update, capture_outputs, replay_lower_layers, run_until_stopped
 from engine.models import LoadedModel
 from engine.requests import EditRequest, Row, TokenBatch, encode_target, encode_with_subject, make_batch
 from engine.scoring import batch_logits, per_row_sum, target_logprobs, targets_are_top
@@ -122,13 +122,38 @@ def optimise_plan(
     steps_after_success: int,
     kl_weight: float,
     margin: float = 0.0,
+    replay_upto: int | None = None,
 ) -> PlanResult:
     """Adam on ``delta`` with per-request early stopping once its targets are the top prediction.
 
     A request counts as done ``steps_after_success`` steps after all its target tokens, on all
     its prompts, are the most likely next tokens; done requests are frozen, and the loop ends
-    when every request is done or after ``max_steps``.
+    when every request is done or after ``max_steps``. Blocks ``0..replay_upto``, which ``delta``
+    cannot influence, are run once and replayed.
     """
+    if replay_upto is None or replay_upto < 0:
+        return _optimise(
+            loaded, pb, init, inject, penalty, max_norm, lr, max_steps, steps_after_success, kl_weight, margin
+        )
+    with replay_lower_layers(loaded.model, loaded.spec.layers, replay_upto, **pb.batch.inputs()):
+        return _optimise(
+            loaded, pb, init, inject, penalty, max_norm, lr, max_steps, steps_after_success, kl_weight, margin
+        )
+
+
+def _optimise(
+    loaded: LoadedModel,
+    pb: PlanBatch,
+    init: torch.Tensor,
+    inject: Injector,
+    penalty: Penalty,
+    max_norm: torch.Tensor,
+    lr: float,
+    max_steps: int,
+    steps_after_success: int,
+    kl_weight: float,
+    margin: float,
+) -> PlanResult:
     batch = pb.batch
     u = pb.n_requests
     delta = init.detach().clone().requires_grad_(True)
