@@ -200,12 +200,19 @@ def export(
 
     The result loads with transformers' AutoModelForCausalLM.from_pretrained(DIR), no metake needed.
     """
-    from daemon.export import check_destination, choose_checkpoint, export_checkpoint  # loads torch: imported here
+    from daemon.export import (  # loads torch: imported here
+        check_destination,
+        check_exportable,
+        choose_checkpoint,
+        export_checkpoint,
+    )
     from daemon.workspace import load_base_model
 
     check_destination(out)
     settings = DaemonSettings(model=model, device=device or "cpu", dtype=dtype)
     sessions = store.sessions()
+    with sessions() as session:
+        check_exportable(session, checkpoint_id)
     loaded = load_base_model(settings, store.home)
     with sessions() as session:
         checkpoint = choose_checkpoint(session, checkpoint_id, loaded.identity)

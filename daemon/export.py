@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from daemon.checkpoint_files import CheckpointFileError, read_weights
@@ -39,6 +40,19 @@ def check_destination(out: Path) -> None:
     """Refuse a destination that exists and is not an empty directory (nothing is overwritten)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidInput(f"--out {out} already exists and is not an empty directory")
+
+
+def check_exportable(session: Session, checkpoint_id: int | None) -> None:
+    """What can be checked before the (slow) model load: the checkpoint exists and is kept."""
+    if checkpoint_id is None:
+        if session.scalars(select(Checkpoint.id).limit(1)).first() is None:
+            raise NotFound("there are no checkpoints yet; run `metake apply` or `metake daemon` first")
+        return
+    checkpoint = session.get(Checkpoint, checkpoint_id)
+    if checkpoint is None:
+        raise NotFound(f"no checkpoint with id {checkpoint_id}")
+    if checkpoint.pruned:
+        raise InvalidInput(f"checkpoint {checkpoint_id} was pruned by the retention setting; its file is gone")
 
 
 def choose_checkpoint(session: Session, checkpoint_id: int | None, model_identity: str) -> Checkpoint:

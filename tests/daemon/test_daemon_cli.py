@@ -69,12 +69,14 @@ def one_line_error(result, message: str, exit_code: int = 1) -> None:
         (["apply", "--max", "0"], "Invalid value for '--max'", 2),
         (["revert", "7"], "no checkpoint with id 7", 1),
         (["export", "7", "--out", "somewhere"], "no checkpoint with id 7", 1),
+        (["export", "--out", "somewhere"], "there are no checkpoints yet", 1),
     ],
 )
-def test_bad_input_is_one_line_and_writes_nothing(metake, db_url, args, message, code):
+def test_bad_input_is_one_line_and_writes_nothing(metake, home, db_url, args, message, code):
     before = counts(db_url)
     one_line_error(metake(*args), message, code)
     assert counts(db_url) == before
+    assert not (home / "models").exists() and not (home / "checkpoints").exists()  # no model was loaded
 
 
 def test_a_cuda_device_on_a_machine_without_one_is_refused(metake, db_url, tiny_args):
