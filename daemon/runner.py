@@ -470,10 +470,21 @@ class Daemon:
 
     # ----- batches --------------------------------------------------------------------------
 
-    def _claim(self, limit: int) -> list[Correction]:
+    def _claim(self, limit: int) -> tuple[list[Correction], list[int]]:
+        """Claim a batch; corrections already tried max_attempts times fail instead of being tried again.
+
+        An edit that kills the process (out of memory, a crash in native code) never reaches the
+        code that counts failures; its attempts still grow with every claim, so a correction
+        that keeps taking the daemon down is set aside instead of crashing it forever.
+        """
         with self.sessions.begin() as session:
             self._confirm(session)
-            return claim_batch(session, limit, self.worker)
+            claimed = claim_batch(session, limit, self.worker)
+            exhausted = [c for c in claimed if c.attempts > self.settings.max_attempts]
+            for correction in exhausted:
+                reason = f"tried {correction.attempts - 1} times; each attempt ended without a result"
+                mark_failed(session, correction, reason, worker=self.worker, retry=False)
+        return [c for c in claimed if c not in exhausted], [c.id for c in exhausted]
 
     def _settle_failure(self, claimed: list[Correction], reason: str) -> list[int]:
         """Return a failed batch's corrections to the queue, or fail them after max_attempts tries."""
@@ -498,11 +509,15 @@ class Daemon:
         timer = Timer({})
         started_at = utcnow()
         with timer.phase("claim"):
-            claimed = self._claim(limit)
-        if not claimed:
+            claimed, exhausted = self._claim(limit)
+        if exhausted:
+            self._event(logging.ERROR, "corrections_failed", corrections=exhausted, reason="attempts exhausted")
+        if not claimed and not exhausted:
             return None
-        report = BatchReport(claimed=[c.id for c in claimed], seconds=timer.into)
-        self._event(logging.INFO, "batch_claimed", corrections=report.claimed)
+        report = BatchReport(claimed=[c.id for c in claimed] + exhausted, failed=list(exhausted), seconds=timer.into)
+        if not claimed:
+            return report
+        self._event(logging.INFO, "batch_claimed", corrections=[c.id for c in claimed])
         snapshot = self.ws.editor.edited_weights()
         edited = self._edit(claimed, snapshot, report, timer)
         if edited is None:
@@ -555,8 +570,8 @@ class Daemon:
             self._release(claimed, "abandoned on a second stop signal")
             raise
         except EditFailed as error:
-            report.failed = self._settle_failure(claimed, str(error))
-            self._event(logging.ERROR, "batch_failed", corrections=report.claimed, reason=str(error))
+            report.failed += self._settle_failure(claimed, str(error))
+            self._event(logging.ERROR, "batch_failed", corrections=[c.id for c in claimed], reason=str(error))
             return None
         except BaseException:
             editor.load_weights(snapshot)

@@ -81,6 +81,7 @@ def files_on_disk(home: Path) -> set[str]:
 
 
 def test_kill_at_every_point_then_recover(metake, tiny_args, sessions, reference):
+    tiny_args = [*tiny_args, "--max-attempts", "10"]  # one correction lives through every crash
     submit_facts(metake)
     metake.ok("apply", "--max", "1", *tiny_args)
     assert statuses(sessions) == {1: "applied", 2: "pending", 3: "pending", 4: "pending", 5: "pending"}

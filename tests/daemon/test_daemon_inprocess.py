@@ -178,3 +178,16 @@ def test_a_second_stop_signal_abandons_the_batch_and_requeues_it(store, tiny, lo
     with store.sessions()() as session:
         assert session.scalar(select(Correction.attempts).where(Correction.id == 1)) == 1
         assert [c.status for c in session.scalars(select(Correction))] == [CorrectionStatus.PENDING] * 2
+
+
+def test_a_correction_that_keeps_killing_the_daemon_is_set_aside(store, tiny, log, one_thread):
+    submit_facts(store, FACTS[:2])
+    with store.sessions().begin() as session:  # as if three earlier claims had each ended in a crash
+        session.get(Correction, 1).attempts = 3
+    report = apply_pending(make_daemon(store, tiny, log, max_attempts=3))
+    assert [(b.claimed, b.failed, b.applied) for b in report.batches] == [([1], [1], []), ([2], [], [2])]
+    with store.sessions()() as session:
+        first = session.get(Correction, 1)
+        assert (first.status, first.attempts) == (CorrectionStatus.FAILED, 4)
+        assert first.last_error == "tried 3 times; each attempt ended without a result"
+    assert 'level=error event=corrections_failed corrections=1 reason="attempts exhausted"' in log.getvalue()
