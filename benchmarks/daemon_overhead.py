@@ -3,10 +3,10 @@
 Runs the real daemon code in this process on a throwaway home (or --home), on the default model
 unless told otherwise: submits the embedded CounterFact corrections, applies them one batch each,
 reverts to the checkpoint after the first, and starts a second daemon from the last checkpoint.
-Prints, per batch, the daemon's own time (claim, measurements, checkpoint, commit) against the
-engine's edit time, the checkpoint size, the time to revert and the time to start up.
+Prints, per batch, the daemon's own time (claim, measurements, checkpoint, commit) as a share of
+the engine's edit time, the checkpoint size, the time to revert and the time to start up.
 
-    python benchmarks/daemon_overhead.py [--home DIR] [--hparams FILE] [--device cpu] [--repeat 1]
+    python benchmarks/daemon_overhead.py [--home DIR] [--hparams FILE] [--device cpu] [--batch-size 1]
 
 The first run on a fresh home also converts the model and computes its statistics (minutes on a
 CPU); those one-time costs are reported separately and are not counted as overhead.
@@ -46,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hparams", type=Path, help="hyperparameter TOML [default: the engine's defaults]")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--repeat", type=int, default=1, help="submit the 3 embedded corrections this many times")
+    parser.add_argument("--batch-size", type=int, default=1, help="corrections per edit (3 are submitted)")
     return parser.parse_args()
 
 
@@ -76,12 +76,12 @@ def main() -> None:
         device=args.device,
         dtype=args.dtype,
         hparams_file=args.hparams,
-        batch_size=1,
+        batch_size=args.batch_size,
         health=HealthSettings(every=0),
     )
     log = io.StringIO()
     logger = configure_logging("text", stream=log)
-    records = [correction_from_record(dict(r)) for r in DEMO_RECORDS] * args.repeat
+    records = [correction_from_record(dict(r)) for r in DEMO_RECORDS]
     with store.sessions().begin() as session:
         submit_many(session, records, "benchmark")
 
@@ -95,7 +95,7 @@ def main() -> None:
         with store.sessions()() as session:
             rows = list(session.query(Checkpoint).order_by(Checkpoint.id))
         with store.sessions().begin() as session:
-            request_revert(session, rows[1].id, "benchmark")
+            request_revert(session, rows[-2].id, "benchmark")
         started = time.perf_counter()
         reverts = run_pass(daemon).reverts
         revert_pass = time.perf_counter() - started
@@ -108,17 +108,17 @@ def main() -> None:
     shares = []
     for number, batch in enumerate(report.batches, start=1):
         spent = overhead(batch)
-        share = spent / (spent + batch.seconds["edit"])
+        share = spent / batch.seconds["edit"]
         shares.append(share)
         phases = "  ".join(f"{batch.seconds.get(p, 0.0):.3f}" for p in OVERHEAD_PHASES)
         print(f"{number:>5}  {batch.seconds['edit']:>8.2f}  {spent:>10.3f}  {share:>6.1%}  {phases}")
     mean_share = statistics.mean(shares)
     verdict = "meets" if mean_share < TARGET_SHARE else "misses"
-    print(f"mean overhead share: {mean_share:.1%} of batch time ({verdict} the {TARGET_SHARE:.0%} target)")
+    print(f"mean overhead: {mean_share:.1%} of the edit time ({verdict} the {TARGET_SHARE:.0%} target)")
 
     sizes = {row.size_bytes for row in rows}
     print(f"checkpoint size: {', '.join(f'{s / 1e6:.1f} MB' for s in sorted(sizes))} ({len(rows)} checkpoints)")
-    print(f"revert to checkpoint {rows[1].id}: {reverts[0].seconds:.2f} s (the whole pass: {revert_pass:.2f} s)")
+    print(f"revert to checkpoint {rows[-2].id}: {reverts[0].seconds:.2f} s (the whole pass: {revert_pass:.2f} s)")
 
     again = Daemon(store, settings, logger, progress=False)
     started = time.perf_counter()

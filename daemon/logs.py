@@ -103,7 +103,13 @@ def configure_logging(style: str = "text", level: int = logging.INFO, stream: Te
 
 
 @contextmanager
-def progress_safe_logging(logger: logging.Logger) -> Iterator[None]:
-    """Route log lines through tqdm while a progress bar is on screen, so they do not tear it."""
+def progress_safe_logging(logger: logging.Logger, bar_shown: bool) -> Iterator[None]:
+    """Route console log lines through tqdm while a progress bar is on screen, so they do not tear it."""
+    on_console = any(
+        isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr) for h in logger.handlers
+    )
+    if not (bar_shown and on_console):
+        yield
+        return
     with logging_redirect_tqdm(loggers=[logger]):
         yield

@@ -4,7 +4,7 @@ Each batch goes claim -> measure -> edit -> measure -> checkpoint file -> one tr
 records the checkpoint, edit, metrics, statuses and audit events. The model in memory only ever
 moves forward to a state whose checkpoint is committed; when anything fails before the commit
 it is put back to the last committed checkpoint and the claimed corrections return to the queue.
-A kill -9 at any point is recovered at the next start the same way (see ``_recover``).
+A kill -9 at any point is recovered at the next start the same way (see ``recover``).
 
 When to work (one pass for ``metake apply``, wake-ups for ``metake daemon``) is daemon.service's
 job; both use the batch code here.

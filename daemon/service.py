@@ -45,8 +45,8 @@ def run_pass(daemon: Daemon, max_corrections: int | None = None) -> PassReport:
     total = pending if max_corrections is None else min(pending, max_corrections)
     disable = None if daemon.progress is None else not daemon.progress
     with (
-        progress_safe_logging(daemon.log),
         tqdm(total=total, unit="correction", desc="applying", disable=disable, leave=False) as bar,
+        progress_safe_logging(daemon.log, bar_shown=not bar.disable),
     ):
         while not daemon.stop.requested:
             daemon.check_heartbeat()
