@@ -106,7 +106,7 @@ def test_two_daemons_one_applies_and_the_other_takes_over_when_it_dies(metake, t
 def test_scheduled_daemon_applies_what_is_pending_at_the_fire_time(metake, tiny_args, sessions, tmp_path):
     submit(metake, FACTS[:2])
     log = tmp_path / "scheduled.log"
-    process = metake.start("daemon", "--schedule", "*/20 * * * * *", "--timezone", "UTC", *tiny_args, log=log)
+    process = metake.start("daemon", "--schedule", "*/10 * * * * *", "--timezone", "UTC", *tiny_args, log=log)
     try:
         wait_for(lambda: log_has(log, "event=sleeping"), START_S, "the daemon to start and sleep")
         fire = datetime.fromisoformat(re.search(r"event=sleeping until=(\S+)", log.read_text()).group(1))
