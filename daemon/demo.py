@@ -88,7 +88,7 @@ def print_results(store: StoreContext) -> None:
     click.echo("")
     click.echo(
         f"{'id':>2}  {'status':8}  {'prompt':44}  {'new':10}  {'old':10}  {'P(new) before → after':>21}  "
-        f"{'P(old) after':>12}  {'paraphrase P(new)':>17}  {'neighbour kept':>14}"
+        f"{'P(old) after':>12}  {'paraphrase new>old':>18}  {'neighbour kept':>14}"
     )
     for c in corrections:
         own = values.get(c.id, {})
@@ -97,7 +97,7 @@ def print_results(store: StoreContext) -> None:
             f"{c.id:>2}  {c.status.value:8}  {_cut(c.filled_prompt(), 44):44}  {_cut(c.target, 10):10}  "
             f"{_cut(c.original_answer or '-', 10):10}  {change:>21}  "
             f"{_prob(own.get(('original_prob', Phase.POST))):>12}  "
-            f"{_prob(own.get(('paraphrase_target_prob', Phase.POST))):>17}  "
+            f"{_prob(own.get(('paraphrase_efficacy', Phase.POST))):>18}  "
             f"{_prob(own.get(('neighbor_kept', Phase.POST))):>14}"
         )
     retention = batch.get(("health.retention", Phase.POST))
