@@ -1,22 +1,21 @@
-"""Lifelong health: perplexity on a fixed text sample (drift) and the sample itself.
+"""The fixed text sample of the drift check: a user's file, or text the unedited model wrote once.
 
 Edits are meant to change a few facts and nothing else. Over months of batches, small side
 effects add up, so every N batches the daemon compares the perplexity of a fixed sample under
-the current weights with the unedited model's. The sample is a user-given text file, or text the
-unedited model generated once and the data home keeps, so it never depends on outside data.
+the current weights with the unedited model's (evaluation.metrics.perplexity measures it). The
+sample is a user-given text file, or text the unedited model generated once and the data home
+keeps, so it never depends on outside data.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SAMPLE_FILE = "drift-sample.json"
@@ -78,25 +77,3 @@ def stored_sample(
 
 def sample_sha256(texts: list[str]) -> str:
     return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()
-
-
-@torch.no_grad()
-def perplexity(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int = 8
-) -> float:
-    """exp(mean next-token negative log-likelihood) over all tokens of ``texts``."""
-    device = next(model.parameters()).device
-    total_nll = 0.0
-    total_tokens = 0
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        encoded = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="right").to(device)
-        logits = model(**encoded, use_cache=False).logits[:, :-1].float()
-        labels = encoded["input_ids"][:, 1:]
-        mask = encoded["attention_mask"][:, 1:].bool()
-        nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
-        total_nll += float(nll[mask].sum())
-        total_tokens += int(mask.sum())
-    if total_tokens == 0:
-        raise ValueError("the drift sample has no tokens to score")
-    return math.exp(total_nll / total_tokens)

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from daemon.health import perplexity
 from daemon.ledger import Figure
 from daemon.measure import facts_hold, probe_for
 from daemon.workspace import Workspace
+from evaluation.metrics import perplexity
 from storage.models import Correction, CorrectionStatus, Phase
 
 

@@ -12,6 +12,7 @@ import torch
 from sqlalchemy import select
 
 from daemon.checkpoint_files import read_checkpoint
+from daemon.health import sample_sha256
 from daemon.logs import configure_logging
 from daemon.reverts import RevertRefused, request_revert
 from daemon.runner import Daemon, DaemonError
@@ -191,3 +192,19 @@ def test_a_correction_that_keeps_killing_the_daemon_is_set_aside(store, tiny, lo
         assert (first.status, first.attempts) == (CorrectionStatus.FAILED, 4)
         assert first.last_error == "tried 3 times; each attempt ended without a result"
     assert 'level=error event=corrections_failed corrections=1 reason="attempts exhausted"' in log.getvalue()
+
+
+def test_a_user_given_drift_text_is_the_sample(store, tiny, log, tmp_path, one_thread):
+    text = tmp_path / "drift.txt"
+    text.write_text("The capital of France is Paris.\n\nRome is the capital of Italy. Berlin is in Germany.\n")
+    submit_facts(store, FACTS[:1])
+    daemon = make_daemon(store, tiny, log, health=HealthSettings(every=1, drift_text=text))
+    apply_pending(daemon)
+    assert daemon.ws.drift_texts == [
+        "The capital of France is Paris.",
+        "Rome is the capital of Italy. Berlin is in Germany.",
+    ]
+    with store.sessions()() as session:
+        event = session.scalars(select(AuditEvent).where(AuditEvent.kind == "health_checked")).one()
+        assert event.payload["sample"] == sample_sha256(daemon.ws.drift_texts)
+        assert event.payload["perplexity"] > 1 and event.payload["base_perplexity"] > 1
