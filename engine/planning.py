@@ -15,7 +15,7 @@ in how ``delta`` reaches the model and what it costs:
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -131,81 +131,69 @@ def optimise_plan(
     when every request is done or after ``max_steps``. Blocks ``0..replay_upto``, which ``delta``
     cannot influence, are run once and replayed.
     """
-    if replay_upto is None or replay_upto < 0:
-        return _optimise(
-            loaded, pb, init, inject, penalty, max_norm, lr, max_steps, steps_after_success, kl_weight, margin
-        )
-    with replay_lower_layers(loaded.model, loaded.spec.layers, replay_upto, **pb.batch.inputs()):
-        return _optimise(
-            loaded, pb, init, inject, penalty, max_norm, lr, max_steps, steps_after_success, kl_weight, margin
-        )
-
-
-def _optimise(
-    loaded: LoadedModel,
-    pb: PlanBatch,
-    init: torch.Tensor,
-    inject: Injector,
-    penalty: Penalty,
-    max_norm: torch.Tensor,
-    lr: float,
-    max_steps: int,
-    steps_after_success: int,
-    kl_weight: float,
-    margin: float,
-) -> PlanResult:
-    batch = pb.batch
-    u = pb.n_requests
-    delta = init.detach().clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([delta], lr=lr)
-    steps = [0] * u
-    since_success = [-1] * u
-    done = torch.zeros(u, dtype=torch.bool, device=delta.device)
-    n_rows = batch.input_ids.shape[0]
-    token_count = per_row_sum(torch.ones_like(batch.target_rows, dtype=torch.float32), batch.target_rows, n_rows)
-    scored = token_count > 0
-    request_rows = batch.request.clamp(min=0)
-    rows_per_request = torch.zeros(u, device=delta.device).index_add(
-        0, request_rows[scored], torch.ones(int(scored.sum()), device=delta.device)
+    replay = (
+        replay_lower_layers(loaded.model, loaded.spec.layers, replay_upto, **pb.batch.inputs())
+        if replay_upto is not None and replay_upto >= 0
+        else nullcontext()
     )
-    nll_r = torch.zeros(u)
-    succeeded = [False] * u
-    for _ in range(max_steps + 1):
-        with inject(delta):
-            at_targets, at_last = batch_logits(loaded.model, batch)
-        row_nll = -per_row_sum(target_logprobs(at_targets, batch), batch.target_rows, n_rows) / token_count.clamp(min=1)
-        nll_r = (
-            torch.zeros(u, device=delta.device).index_add(0, request_rows[scored], row_nll[scored]) / rows_per_request
+    with replay:
+        batch = pb.batch
+        u = pb.n_requests
+        delta = init.detach().clone().requires_grad_(True)
+        optimiser = torch.optim.Adam([delta], lr=lr)
+        steps = [0] * u
+        since_success = [-1] * u
+        done = torch.zeros(u, dtype=torch.bool, device=delta.device)
+        n_rows = batch.input_ids.shape[0]
+        token_count = per_row_sum(torch.ones_like(batch.target_rows, dtype=torch.float32), batch.target_rows, n_rows)
+        scored = token_count > 0
+        request_rows = batch.request.clamp(min=0)
+        rows_per_request = torch.zeros(u, device=delta.device).index_add(
+            0, request_rows[scored], torch.ones(int(scored.sum()), device=delta.device)
         )
-        kl = F.kl_div(F.log_softmax(at_last[pb.kl_rows], dim=-1), pb.reference, log_target=True, reduction="batchmean")
-        top = targets_are_top(at_targets, batch, margin)
-        misses = torch.zeros(u, device=delta.device).index_add(0, request_rows[scored], (~top[scored]).float())
-        for r in range(u):
-            if done[r]:
-                continue
-            if misses[r] == 0:
-                succeeded[r] = True
-                since_success[r] += 1
-                if since_success[r] >= steps_after_success:
+        nll_r = torch.zeros(u)
+        succeeded = [False] * u
+        for _ in range(max_steps + 1):
+            with inject(delta):
+                at_targets, at_last = batch_logits(loaded.model, batch)
+            row_nll = -per_row_sum(target_logprobs(at_targets, batch), batch.target_rows, n_rows) / token_count.clamp(
+                min=1
+            )
+            nll_r = (
+                torch.zeros(u, device=delta.device).index_add(0, request_rows[scored], row_nll[scored])
+                / rows_per_request
+            )
+            kl = F.kl_div(
+                F.log_softmax(at_last[pb.kl_rows], dim=-1), pb.reference, log_target=True, reduction="batchmean"
+            )
+            top = targets_are_top(at_targets, batch, margin)
+            misses = torch.zeros(u, device=delta.device).index_add(0, request_rows[scored], (~top[scored]).float())
+            for r in range(u):
+                if done[r]:
+                    continue
+                if misses[r] == 0:
+                    succeeded[r] = True
+                    since_success[r] += 1
+                    if since_success[r] >= steps_after_success:
+                        done[r] = True
+                if steps[r] >= max_steps:
                     done[r] = True
-            if steps[r] >= max_steps:
-                done[r] = True
-        if bool(done.all()):
-            break
-        loss = nll_r[~done].sum() + kl_weight * kl + penalty(delta)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        frozen = delta.detach()[done].clone()
-        optimiser.step()
-        with torch.no_grad():
-            delta[done] = frozen
-            norms = delta.norm(dim=1)
-            scale = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
-            delta.mul_(scale[:, None])
-        for r in range(u):
-            if not done[r]:
-                steps[r] += 1
-    return PlanResult(delta.detach(), steps, nll_r.detach().cpu().tolist(), succeeded)
+            if bool(done.all()):
+                break
+            loss = nll_r[~done].sum() + kl_weight * kl + penalty(delta)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            frozen = delta.detach()[done].clone()
+            optimiser.step()
+            with torch.no_grad():
+                delta[done] = frozen
+                norms = delta.norm(dim=1)
+                scale = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
+                delta.mul_(scale[:, None])
+            for r in range(u):
+                if not done[r]:
+                    steps[r] += 1
+        return PlanResult(delta.detach(), steps, nll_r.detach().cpu().tolist(), succeeded)
 
 
 def residual_injector(loaded: LoadedModel, pb: PlanBatch, layer: int) -> Injector:

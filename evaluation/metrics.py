@@ -96,7 +96,7 @@ def fluency(
 
 @torch.no_grad()
 def perplexity(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], window: int = 256, batch: int = 8
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], window: int = 256, batch: int = 2
 ) -> float:
     """Token-level perplexity of ``texts`` cut into windows of ``window`` tokens."""
     device = next(model.parameters()).device
