@@ -19,7 +19,7 @@ import torch
 from engine.architecture import as_out_in, edited_weight
 from engine.hooks import capture_inputs, capture_outputs, run_until_stopped
 from engine.hparams import EditHyperParams
-from engine.models import LoadedModel
+from engine.models import LoadedModel, seeded
 from engine.planning import (
     EncodedRequest,
     PlanBatch,
@@ -323,8 +323,7 @@ def generate_prefixes(loaded: LoadedModel, n: int, length: int, seed: int) -> tu
     tok = loaded.tokenizer
     starts = [_PREFIX_STARTS[i % len(_PREFIX_STARTS)] for i in range(n)]
     enc = tok(starts, return_tensors="pt", padding=True, padding_side="left").to(loaded.device)
-    with torch.random.fork_rng(devices=[loaded.device] if loaded.device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with seeded(loaded.device, seed):
         out = loaded.model.generate(
             **enc, do_sample=True, top_k=5, max_new_tokens=length, min_new_tokens=length, pad_token_id=tok.pad_token_id
         )

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from engine.hooks import capture_inputs, forward_hooks, run_until_stopped
 from engine.hparams import StatsParams
-from engine.models import LoadedModel
+from engine.models import LoadedModel, seeded
 
 MODEL_SOURCE = "model"
 _TEXT_SUFFIXES = (".txt", ".raw", ".tokens", ".md", "")
@@ -170,19 +170,19 @@ def _key_width(loaded: LoadedModel, name: str) -> int:
 
 
 def _sample_from_model(loaded: LoadedModel, params: StatsParams, counter: _SecondMoment) -> None:
-    """Sample text from the model and collect keys from the very forward passes that produce it."""
+    """Sample text from the model and collect keys from the very forward passes that produce it.
+
+    Each round starts every sequence of the batch from the same short word (no padding, so no
+    pad token ever becomes a key) and samples at temperature 1 with a per-round seed.
+    """
     tok = loaded.tokenizer
-    generator = torch.Generator(device="cpu").manual_seed(params.seed)
     bar = tqdm(total=params.n_tokens, desc="C0 from model samples", unit="tok", leave=False)
     round_ = 0
-    with torch.random.fork_rng(devices=[loaded.device] if loaded.device.type == "cuda" else []):
-        while counter.count < params.n_tokens:
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-            starts = [
-                _SAMPLE_STARTS[(round_ * params.batch_size + i) % len(_SAMPLE_STARTS)] for i in range(params.batch_size)
-            ]
-            enc = tok(starts, return_tensors="pt", padding=True, padding_side="left").to(loaded.device)
-            before = counter.count
+    while counter.count < params.n_tokens:
+        start = _SAMPLE_STARTS[round_ % len(_SAMPLE_STARTS)]
+        enc = tok([start] * params.batch_size, return_tensors="pt").to(loaded.device)
+        before = counter.count
+        with seeded(loaded.device, params.seed * 100_003 + round_):
             loaded.model.generate(
                 **enc,
                 do_sample=True,
@@ -193,8 +193,8 @@ def _sample_from_model(loaded: LoadedModel, params: StatsParams, counter: _Secon
                 min_new_tokens=params.seq_len,
                 pad_token_id=tok.pad_token_id,
             )
-            bar.update(counter.count - before)
-            round_ += 1
+        bar.update(counter.count - before)
+        round_ += 1
     bar.close()
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import DEVICE
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tokenizers import decoders as tk_decoders
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -84,4 +85,4 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(params=["llama", "gpt2"])
 def tiny(request: pytest.FixtureRequest, tiny_dirs: dict[str, Path]) -> LoadedModel:
     """A freshly loaded tiny model (each test may edit it freely)."""
-    return load_model(tiny_dirs[request.param], device="cpu")
+    return load_model(tiny_dirs[request.param], device=DEVICE)

@@ -17,18 +17,22 @@ def _plan(tiny, tiny_dirs, replay, max_steps=6):
     encoded = [encode_request(tiny, r, state.prefixes, i) for i, r in enumerate(REQUESTS[:2])]
     pb = plan_batch(tiny, encoded, list(state.prefixes))
     h = subject_outputs(tiny, pb, 2)
-    return pb, h, optimise_plan(
-        tiny,
+    return (
         pb,
-        torch.zeros_like(h),
-        residual_injector(tiny, pb, 2),
-        lambda d: 0.5 * (d.norm(dim=1) / h.norm(dim=1) ** 2).sum(),
-        0.75 * h.norm(dim=1),
-        lr=0.5,
-        max_steps=max_steps,
-        steps_after_success=2,
-        kl_weight=0.0625,
-        replay_upto=2 if replay else None,
+        h,
+        optimise_plan(
+            tiny,
+            pb,
+            torch.zeros_like(h),
+            residual_injector(tiny, pb, 2),
+            lambda d: 0.5 * (d.norm(dim=1) / h.norm(dim=1) ** 2).sum(),
+            0.75 * h.norm(dim=1),
+            lr=0.5,
+            max_steps=max_steps,
+            steps_after_success=2,
+            kl_weight=0.0625,
+            replay_upto=2 if replay else None,
+        ),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import DEVICE
 
 from engine.editor import Editor
 from engine.hparams import EditHyperParams
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm(model_cache):
-    return load_model("default", cache_dir=model_cache / "models", device="cpu")
+    return load_model("default", cache_dir=model_cache / "models", device=DEVICE)
 
 
 def _next_tokens(loaded, prompts):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import REQUESTS, tiny_hparams
+from tiny_models import DEVICE, REQUESTS, tiny_hparams
 
 from engine.architecture import UnknownArchitectureError, architecture_for
 from engine.editor import Editor
@@ -30,7 +30,7 @@ def test_state_saves_and_loads_bitwise(tiny, tiny_dirs, tmp_path):
     assert loaded.prefixes == state.prefixes and len(state.prefixes) == 2
     for layer in state.layers:
         assert loaded.constraints[layer].dtype == torch.float64
-        assert torch.equal(loaded.constraints[layer], state.constraints[layer])
+        assert torch.equal(loaded.constraints[layer], state.constraints[layer].cpu())
         assert loaded.constraints[layer].abs().sum() > 0
     assert [p.name for p in tmp_path.iterdir()] == ["state.safetensors"]  # no temporary left behind
 
@@ -54,7 +54,7 @@ def _subject_output(loaded, request, layer):
     ids, pos = encode_with_subject(loaded.tokenizer, request.prompt, request.subject)
     name = loaded.spec.layer(layer)
     with torch.no_grad(), capture_outputs(loaded.model, [name], stop_after=name) as seen:
-        run_until_stopped(loaded.model, input_ids=torch.tensor([ids]))
+        run_until_stopped(loaded.model, input_ids=torch.tensor([ids], device=loaded.device))
     return seen[name][0, pos]
 
 
@@ -70,7 +70,7 @@ def test_edit_moves_the_subject_representation_by_the_realised_plan(tiny, tiny_d
 
 
 def test_statistics_are_cached_with_provenance(tiny_dirs, tmp_path):
-    loaded = load_model(tiny_dirs["llama"], device="cpu")
+    loaded = load_model(tiny_dirs["llama"], device=DEVICE)
     params = tiny_hparams(tiny_dirs).stats
     first = key_statistics(loaded, (1, 2), params, tmp_path)
     files = sorted(p.name for p in tmp_path.rglob("*.safetensors"))
@@ -90,7 +90,7 @@ def test_statistics_are_cached_with_provenance(tiny_dirs, tmp_path):
 
 
 def test_model_sampled_statistics_are_seeded(tiny_dirs):
-    loaded = load_model(tiny_dirs["gpt2"], device="cpu")
+    loaded = load_model(tiny_dirs["gpt2"], device=DEVICE)
     params = tiny_hparams(tiny_dirs).stats.__class__(source="model", n_tokens=200, seq_len=20, batch_size=5, seed=3)
     a = key_statistics(loaded, (1,), params, None)[1]
     b = key_statistics(loaded, (1,), params, None)[1]

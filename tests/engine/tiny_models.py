@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from engine.hparams import EditHyperParams
 from engine.requests import EditRequest
+
+DEVICE = os.environ.get("METAKE_TEST_DEVICE", "cpu")
+"""Where the engine tests run: ``cpu`` here and in CI, ``cuda`` for the GPU check."""
 
 
 def tiny_hparams(tiny_dirs: dict[str, Path], method: str = "metake", **changes: object) -> EditHyperParams:
