@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from daemon.ledger import Figure
-from daemon.measure import facts_hold, probe_for
+from daemon.measure import facts_hold
 from daemon.workspace import Workspace
 from evaluation.metrics import perplexity
 from storage.models import Correction, CorrectionStatus, Phase
@@ -55,7 +55,7 @@ class HealthCheck:
     def measure(self, earlier: list[Correction]) -> Findings:
         loaded = self.workspace.loaded
         findings = Findings()
-        held = facts_hold(loaded.model, loaded.tokenizer, [probe_for(c) for c in earlier])
+        held = facts_hold(loaded.model, loaded.tokenizer, earlier)
         for correction_id, (target_prob, holds) in held.items():
             findings.figures.append(Figure(correction_id, "health.target_prob", Phase.POST, target_prob))
             findings.figures.append(Figure(correction_id, "health.holds", Phase.POST, float(holds)))

@@ -56,9 +56,6 @@ from daemon.logs import log_event
 from daemon.measure import (
     edit_request,
     engine_figures,
-    generalisation_and_locality,
-    probe_for,
-    prompt_figures,
 )
 from daemon.reverts import RevertRefused, check_target, lock_corrections, pending_requests, refuse, settle_done
 from daemon.settings import DaemonSettings
@@ -109,9 +106,7 @@ class _BatchWork:
 
     claimed: list[Correction]
     outcome: EditOutcome
-    before: dict[int, dict[str, float]]
     started_at: datetime
-    after: dict[int, dict[str, float]] = field(default_factory=dict)
     written: WrittenFile | None = None
     created_at: datetime | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
@@ -519,12 +514,11 @@ class Daemon:
             return report
         self._event(logging.INFO, "batch_claimed", corrections=[c.id for c in claimed])
         snapshot = self.ws.editor.edited_weights()
-        edited = self._edit(claimed, snapshot, report, timer)
-        if edited is None:
+        outcome = self._edit(claimed, snapshot, report, timer)
+        if outcome is None:
             return report
-        outcome, before = edited
         crash_point("after_apply")
-        work = _BatchWork(claimed, outcome, before, started_at)
+        work = _BatchWork(claimed, outcome, started_at)
         report.applied, report.rejected = work.applied, sorted(work.rejected)
         try:
             if work.applied:
@@ -553,18 +547,16 @@ class Daemon:
 
     def _edit(
         self, claimed: list[Correction], snapshot: dict[str, torch.Tensor], report: BatchReport, timer: Timer
-    ) -> tuple[EditOutcome, dict[int, dict[str, float]]] | None:
-        """Measure, then edit; None when the engine refused the batch (settled as failed or retried)."""
+    ) -> EditOutcome | None:
+        """Edit (the engine measures before and after); None when it refused the batch (failed or retried)."""
         assert self.state is not None
-        editor, loaded = self.ws.editor, self.ws.loaded
+        editor = self.ws.editor
         try:
             with self.stop.abandonable():
                 crash_point("before_apply")
-                with timer.phase("measure_pre"):
-                    probes = [probe_for(c) for c in claimed]
-                    before = generalisation_and_locality(loaded.model, loaded.tokenizer, probes)
                 with timer.phase("edit"):
                     outcome = editor.apply([edit_request(c) for c in claimed], self.state)
+                report.seconds["metrics_in_edit"] = outcome.seconds.get("probabilities", 0.0)
         except Abandon:
             editor.load_weights(snapshot)
             self._release(claimed, "abandoned on a second stop signal")
@@ -577,16 +569,11 @@ class Daemon:
             editor.load_weights(snapshot)
             self._release(claimed, "the batch raised an unexpected error")
             raise
-        return outcome, before
+        return outcome
 
     def _checkpoint_batch(self, work: _BatchWork, timer: Timer) -> None:
-        """Post-edit measurements, then the new checkpoint file (not yet recorded)."""
+        """The new checkpoint file (not yet recorded)."""
         assert self.current is not None
-        loaded = self.ws.loaded
-        with timer.phase("measure_post"):
-            work.after = generalisation_and_locality(
-                loaded.model, loaded.tokenizer, [probe_for(work.by_id[i]) for i in work.applied]
-            )
         with timer.phase("checkpoint"):
             work.written, work.created_at, work.manifest = self._write_file(
                 self.ws.editor.edited_weights(),
@@ -627,22 +614,19 @@ class Daemon:
             before_id=self.current.id,
             after_id=work.checkpoint.id,
         )
-        ledger.add_metrics(session, edit.id, self._batch_figures(work.outcome, work.before, work.after))
+        ledger.add_metrics(session, edit.id, self._batch_figures(work.outcome))
         mark_applied(session, [work.by_id[i] for i in work.applied], edit.id, worker=self.worker)
         ledger.audit_checkpoint(session, work.checkpoint, self.actor, edit_id=edit.id)
         report.edit_id, report.checkpoint_id = edit.id, work.checkpoint.id
         return ledger.prune(session, self.model, self.settings.retention, self.actor)
 
-    def _batch_figures(
-        self, outcome: EditOutcome, before: dict[int, dict[str, float]], after: dict[int, dict[str, float]]
-    ) -> list[Figure]:
+    def _batch_figures(self, outcome: EditOutcome) -> list[Figure]:
         figures: list[Figure] = []
         for diagnostics in outcome.applied:
             assert diagnostics.key is not None
             correction_id = int(diagnostics.key)
-            for phase, extra in ((Phase.PRE, before), (Phase.POST, after)):
-                values = prompt_figures(diagnostics, phase.value) | extra.get(correction_id, {})
-                figures += [Figure(correction_id, name, phase, value) for name, value in values.items()]
+            for phase, scores in ((Phase.PRE, diagnostics.pre), (Phase.POST, diagnostics.post)):
+                figures += [Figure(correction_id, name, phase, value) for name, value in scores.metrics().items()]
             figures += [Figure(correction_id, n, Phase.POST, v) for n, v in engine_figures(diagnostics).items()]
         for layer, value in outcome.weight_change.items():
             figures.append(Figure(None, f"weight_change.layer{layer}", Phase.POST, value))
@@ -657,10 +641,10 @@ class Daemon:
                 "correction_applied",
                 correction=d.key,
                 edit=report.edit_id,
-                p_target_before=d.pre_target_prob,
-                p_target_after=d.post_target_prob,
-                p_original_before=d.pre_original_prob,
-                p_original_after=d.post_original_prob,
+                p_target_before=d.pre.target_prob,
+                p_target_after=d.post.target_prob,
+                p_original_before=d.pre.original_prob,
+                p_original_after=d.post.original_prob,
             )
         self._event(
             logging.INFO,

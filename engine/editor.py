@@ -9,7 +9,6 @@ snapshot and the state passed in is still the current one: a failed edit changes
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from engine.planning import (
 )
 from engine.projector import Projector, projector_for
 from engine.requests import EditRequest, RequestRejected, check_request, make_batch
-from engine.scoring import completion_scores
+from engine.scoring import FactScores, fact_scores
 from engine.solver import SolveFailed, layer_constraint, update_operator, weight_change
 from engine.state import EditorState
 from engine.stats import KeyStatistics, key_statistics
@@ -56,10 +55,9 @@ class RequestDiagnostics:
     realised_norm: float
     upstream_steps: int
     outer_steps: int
-    pre_target_prob: float
-    post_target_prob: float
-    pre_original_prob: float | None
-    post_original_prob: float | None
+    pre: FactScores
+    """How the model answered the request's prompts before the batch."""
+    post: FactScores
 
 
 @dataclass
@@ -168,7 +166,7 @@ class Editor:
             clock = now
 
         requests = [e.request for e in encoded]
-        pre_target, pre_original = self._probabilities(requests)
+        pre = fact_scores(lm.model, lm.tokenizer, requests)
         lap("probabilities")
 
         pb = plan_batch(lm, encoded, [])
@@ -228,7 +226,7 @@ class Editor:
             outcome.relative_weight_change[layer] = float(change.norm() / (weight.double().norm() + 1e-12))
         lap("solve")
 
-        post_target, post_original = self._probabilities(requests)
+        post = fact_scores(lm.model, lm.tokenizer, requests)
         lap("probabilities")
 
         gain = operator_last @ keys_last.double()
@@ -243,10 +241,8 @@ class Editor:
                     realised_norm=float(realised[:, r].norm()),
                     upstream_steps=upstream_steps[r],
                     outer_steps=outer_steps[r],
-                    pre_target_prob=pre_target[r],
-                    post_target_prob=post_target[r],
-                    pre_original_prob=pre_original[r],
-                    post_original_prob=post_original[r],
+                    pre=pre[r],
+                    post=post[r],
                 )
             )
         outcome.state = state.after_batch(added, u)
@@ -301,18 +297,6 @@ class Editor:
         bare = torch.arange(0, len(rows), n_ctx, device=lm.device)
         current = outputs[out_name][bare, batch.subject_pos[bare]].float()
         return keys, current
-
-    def _probabilities(self, requests: list[EditRequest]) -> tuple[list[float], list[float | None]]:
-        """P(target) and P(original answer) after each request's prompt, in one batched pass."""
-        lm = self.loaded
-        with_original = [i for i, r in enumerate(requests) if r.original]
-        prompts = [r.text for r in requests] + [requests[i].text for i in with_original]
-        answers = [r.target for r in requests] + [requests[i].original or "" for i in with_original]
-        probs = [math.exp(s) for s in completion_scores(lm.model, lm.tokenizer, prompts, answers)]
-        original: list[float | None] = [None] * len(requests)
-        for i, p in zip(with_original, probs[len(requests) :], strict=True):
-            original[i] = p
-        return probs[: len(requests)], original
 
 
 @torch.no_grad()

@@ -7,11 +7,14 @@ the output embedding at the selected positions keeps that cost proportional to w
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, fields
+
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.requests import Row, TokenBatch, encode_target, make_batch
+from engine.requests import EditRequest, Row, TokenBatch, encode_target, make_batch
 
 
 def logits_at(model: PreTrainedModel, batch: TokenBatch, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -81,3 +84,74 @@ def completion_scores(
 ) -> list[float]:
     """Total log-probability of each completion (the NLL comparison of CounterFact's metrics)."""
     return [sum(x) for x in completion_logprobs(model, tokenizer, prompts, completions, batch_size)]
+
+
+HOLDS_WITHOUT_ORIGINAL = 0.5
+"""Without a known original answer, a fact holds when P(target | prompt) is above this."""
+
+
+@dataclass(frozen=True)
+class FactScores:
+    """How a model answers one request's prompts: the prompt, its paraphrases, its neighbours.
+
+    Efficacy-style figures follow CounterFact: the new target beats the original answer by total
+    log-probability (or, without an original, P(target) > 1/2); a neighbour is kept when its own
+    answer still beats the request's target.
+    """
+
+    target_prob: float
+    original_prob: float | None = None
+    paraphrase_target_prob: float | None = None
+    paraphrase_efficacy: float | None = None
+    neighbor_answer_prob: float | None = None
+    neighbor_kept: float | None = None
+
+    @property
+    def holds(self) -> bool:
+        if self.original_prob is not None:
+            return self.target_prob > self.original_prob
+        return self.target_prob > HOLDS_WITHOUT_ORIGINAL
+
+    def metrics(self) -> dict[str, float]:
+        """The figures that apply, by name (efficacy as 0/1)."""
+        values = {field.name: getattr(self, field.name) for field in fields(self)}
+        return {name: value for name, value in values.items() if value is not None} | {"efficacy": float(self.holds)}
+
+
+def fact_scores(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest]
+) -> list[FactScores]:
+    """Score every request's prompts in one batched pass (prompt, paraphrases, neighbours)."""
+    pairs: list[tuple[str, str]] = []
+    for r in requests:
+        pairs.append((r.text, r.target))
+        if r.original:
+            pairs.append((r.text, r.original))
+        for paraphrase in r.paraphrases:
+            pairs.append((paraphrase, r.target))
+            if r.original:
+                pairs.append((paraphrase, r.original))
+        for prompt, answer in r.neighbors:
+            pairs += [(prompt, answer), (prompt, r.target)]
+    scores = iter(completion_scores(model, tokenizer, [p for p, _ in pairs], [c for _, c in pairs]) if pairs else [])
+    out = []
+    for r in requests:
+        target = next(scores)
+        original = next(scores) if r.original else None
+        para = [(next(scores), next(scores) if r.original else None) for _ in r.paraphrases]
+        neigh = [(next(scores), next(scores)) for _ in r.neighbors]
+        out.append(
+            FactScores(
+                target_prob=math.exp(target),
+                original_prob=math.exp(original) if original is not None else None,
+                paraphrase_target_prob=_mean([math.exp(t) for t, _ in para]),
+                paraphrase_efficacy=_mean([float(t > o) for t, o in para if o is not None]),
+                neighbor_answer_prob=_mean([math.exp(a) for a, _ in neigh]),
+                neighbor_kept=_mean([float(a > t) for a, t in neigh]),
+            )
+        )
+    return out
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None

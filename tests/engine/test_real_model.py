@@ -57,7 +57,7 @@ def test_metake_corrects_five_counterfact_facts_in_sequence(smollm, model_cache,
             outcome = editor.apply([record.request()], state)
             assert [d.key for d in outcome.applied] == [str(record.case_id)]
             diag = outcome.applied[0]
-            assert diag.post_target_prob > diag.pre_target_prob
+            assert diag.post.target_prob > diag.pre.target_prob
             assert 0 < diag.realised_gain < 1
             state = outcome.state
         assert state.steps == 5 and state.edits == 5

@@ -29,7 +29,7 @@ def test_state_saves_and_loads_bitwise(tiny, tiny_dirs, tmp_path):
     assert (loaded.steps, loaded.edits, loaded.layers) == (1, 2, (1, 2))
     assert loaded.prefixes == state.prefixes and len(state.prefixes) == 2
     for layer in state.layers:
-        assert loaded.constraints[layer].dtype == torch.float64
+        assert loaded.constraints[layer].dtype == torch.float32
         assert torch.equal(loaded.constraints[layer], state.constraints[layer].cpu())
         assert loaded.constraints[layer].abs().sum() > 0
     assert [p.name for p in tmp_path.iterdir()] == ["state.safetensors"]  # no temporary left behind
@@ -122,3 +122,35 @@ def test_unknown_architecture_names_the_setting():
     with pytest.raises(UnknownArchitectureError, match=r"set \[architecture\] layers, mlp_out"):
         architecture_for("mamba")
     assert architecture_for("gpt2").weight_transposed
+
+
+def test_diagnostics_score_prompt_paraphrases_and_neighbours(tiny, tiny_dirs):
+    from engine.requests import EditRequest
+
+    request = EditRequest(
+        "The capital of {} is",
+        "France",
+        "Rome",
+        original="Paris",
+        paraphrases=("France's capital is", "The capital city of France is"),
+        neighbors=(("The capital of Italy is", "Rome"), ("The capital of Japan is", "Tokyo")),
+        key="7",
+    )
+    editor = Editor(tiny, tiny_hparams(tiny_dirs, "alphaedit"))
+    diag = editor.apply([request], editor.new_state()).applied[0]
+    for scores in (diag.pre, diag.post):
+        metrics = scores.metrics()
+        assert set(metrics) == {
+            "target_prob",
+            "original_prob",
+            "paraphrase_target_prob",
+            "paraphrase_efficacy",
+            "neighbor_answer_prob",
+            "neighbor_kept",
+            "efficacy",
+        }
+        assert all(0.0 <= value <= 1.0 for value in metrics.values())
+        assert metrics["paraphrase_efficacy"] in (0.0, 0.5, 1.0) and metrics["neighbor_kept"] in (0.0, 0.5, 1.0)
+    bare = editor.apply([EditRequest("{} is in", "Paris", "France")], editor.new_state()).applied[0]
+    assert set(bare.pre.metrics()) == {"target_prob", "efficacy"}
+    assert bare.pre.holds == (bare.pre.target_prob > 0.5)
