@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from daemon.commands import COMMANDS
+from evaluation.commands import bench
 from storage.audit import event_count, verify_chain
 from storage.context import StoreContext
 from storage.db import current_revisions
@@ -470,7 +471,7 @@ def audit_verify(store: StoreContext, as_json: bool) -> None:
         click.echo(f"audit chain verified: {count} events")
 
 
-for _command in COMMANDS:
+for _command in (*COMMANDS, bench):
     main.add_command(_command)
 
 

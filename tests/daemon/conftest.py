@@ -17,7 +17,7 @@ from daemon_helpers import Metake, base_env
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
-from tiny_model import build_tiny_llama
+from tiny_models import save_tiny_model, write_corpus, write_hparams
 
 from storage.db import make_engine, session_factory, upgrade
 from storage.home import DB_URL_ENV, HOME_ENV
@@ -75,7 +75,9 @@ def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(tiny Llama directory, its hyperparameter TOML with statistics from a small corpus)."""
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny"))
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = write_corpus(root / "corpus.txt")
+    return save_tiny_model("llama", root / "tiny-llama"), write_hparams(root / "tiny.toml", corpus)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from engine.scoring import batch_logits
 
 
 def _plan(tiny, tiny_dirs, replay, max_steps=6):
-    editor = Editor(tiny, tiny_hparams(tiny_dirs, "alphaedit"))
+    editor = Editor(tiny, tiny_hparams(tiny_dirs["corpus"], "alphaedit"))
     state = editor.new_state()
     encoded = [encode_request(tiny, r, state.prefixes, i) for i, r in enumerate(REQUESTS[:2])]
     pb = plan_batch(tiny, encoded, list(state.prefixes))

@@ -16,7 +16,7 @@ def _weights(editor: Editor) -> dict[str, torch.Tensor]:
 
 
 def test_alphaedit_update_leaves_preserved_keys_unchanged(tiny, tiny_dirs):
-    editor = Editor(tiny, tiny_hparams(tiny_dirs, "alphaedit"))
+    editor = Editor(tiny, tiny_hparams(tiny_dirs["corpus"], "alphaedit"))
     before = _weights(editor)
     outcome = editor.apply(REQUESTS[:2], editor.new_state())
     assert len(outcome.applied) == 2
@@ -46,7 +46,7 @@ def test_metake_without_outer_loop_gives_alphaedits_weights_and_state(tiny_dirs)
     results = []
     for method, changes in (("alphaedit", {}), ("metake", {"outer": {"steps": 0}})):
         loaded = load_model(tiny_dirs["llama"], device=DEVICE)
-        editor = Editor(loaded, tiny_hparams(tiny_dirs, method, **changes))
+        editor = Editor(loaded, tiny_hparams(tiny_dirs["corpus"], method, **changes))
         state = editor.new_state()
         for request in REQUESTS:
             state = editor.apply([request], state).state
@@ -62,7 +62,9 @@ def test_metake_outer_loop_changes_the_plan(tiny_dirs):
     weights = []
     for steps in (0, 4):
         loaded = load_model(tiny_dirs["llama"], device=DEVICE)
-        editor = Editor(loaded, tiny_hparams(tiny_dirs, "metake", outer={"steps": steps, "target_margin": 5.0}))
+        editor = Editor(
+            loaded, tiny_hparams(tiny_dirs["corpus"], "metake", outer={"steps": steps, "target_margin": 5.0})
+        )
         outcome = editor.apply(REQUESTS[:1], editor.new_state())
         assert outcome.applied[0].outer_steps == steps
         weights.append(editor.edited_weights())
@@ -76,7 +78,7 @@ def test_memit_gain_is_below_alphaedit_gain(tiny_dirs):
     gains = {}
     for method in ("memit", "alphaedit"):
         loaded = load_model(tiny_dirs["llama"], device=DEVICE)
-        editor = Editor(loaded, tiny_hparams(tiny_dirs, method))
+        editor = Editor(loaded, tiny_hparams(tiny_dirs["corpus"], method))
         gains[method] = editor.apply(REQUESTS[:1], editor.new_state()).applied[0].realised_gain
     assert 0 < gains["memit"] < gains["alphaedit"] < 1
 
@@ -88,7 +90,7 @@ def test_singular_system_raises_solve_failed():
 
 
 def test_nan_in_the_solve_rolls_back_weights_and_state(tiny, tiny_dirs):
-    editor = Editor(tiny, tiny_hparams(tiny_dirs, "alphaedit"))
+    editor = Editor(tiny, tiny_hparams(tiny_dirs["corpus"], "alphaedit"))
     state = editor.new_state()
     poisoned = state.after_batch(
         {layer: torch.full_like(state.constraints[layer], float("nan")) for layer in state.layers}, 0
@@ -102,7 +104,7 @@ def test_nan_in_the_solve_rolls_back_weights_and_state(tiny, tiny_dirs):
 
 
 def test_request_the_tokenizer_cannot_place_is_rejected_and_nothing_changes(tiny, tiny_dirs):
-    editor = Editor(tiny, tiny_hparams(tiny_dirs, "alphaedit"))
+    editor = Editor(tiny, tiny_hparams(tiny_dirs["corpus"], "alphaedit"))
     state = editor.new_state()
     before = editor.edited_weights()
     bad = EditRequest("{}is is a city", "Par", "Rome")  # "Paris" is one token: "Par" has no last token of its own
@@ -124,7 +126,7 @@ def test_request_the_tokenizer_cannot_place_is_rejected_and_nothing_changes(tiny
     ],
 )
 def test_malformed_requests_are_rejected_with_reason(tiny, tiny_dirs, request_, reason):
-    editor = Editor(tiny, tiny_hparams(tiny_dirs, "alphaedit"))
+    editor = Editor(tiny, tiny_hparams(tiny_dirs["corpus"], "alphaedit"))
     outcome = editor.apply([request_, REQUESTS[0]], editor.new_state())
     assert [r.key for r in outcome.applied] == ["1"]
     assert reason in outcome.rejected[0][1]

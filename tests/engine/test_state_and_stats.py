@@ -20,7 +20,7 @@ from engine.stats import key_statistics
 
 
 def test_state_saves_and_loads_bitwise(tiny, tiny_dirs, tmp_path):
-    editor = Editor(tiny, tiny_hparams(tiny_dirs, "metake"))
+    editor = Editor(tiny, tiny_hparams(tiny_dirs["corpus"], "metake"))
     state = editor.apply(REQUESTS[:2], editor.new_state()).state
     path = tmp_path / "state.safetensors"
     state.save(path)
@@ -36,14 +36,14 @@ def test_state_saves_and_loads_bitwise(tiny, tiny_dirs, tmp_path):
 
 
 def test_state_of_another_model_is_refused(tiny, tiny_dirs):
-    editor = Editor(tiny, tiny_hparams(tiny_dirs, "alphaedit"))
+    editor = Editor(tiny, tiny_hparams(tiny_dirs["corpus"], "alphaedit"))
     foreign = EditorState.fresh("sha256:other", (1, 2), editor.key_width)
     with pytest.raises(StateMismatch, match="belongs to model sha256:other"):
         editor.apply(REQUESTS[:1], foreign)
 
 
 def test_apply_returns_a_new_state_and_leaves_the_old_one(tiny, tiny_dirs):
-    editor = Editor(tiny, tiny_hparams(tiny_dirs, "alphaedit"))
+    editor = Editor(tiny, tiny_hparams(tiny_dirs["corpus"], "alphaedit"))
     first = editor.new_state()
     second = editor.apply(REQUESTS[:1], first).state
     assert first.steps == 0 and all(c.abs().sum() == 0 for c in first.constraints.values())
@@ -61,7 +61,7 @@ def _subject_output(loaded, request, layer):
 def test_edit_moves_the_subject_representation_by_the_realised_plan(tiny, tiny_dirs):
     """In both weight orientations (Llama's Linear, GPT-2's transposed Conv1D) the multi-layer solve
     moves the last critical layer's output at the subject by what the diagnostics say it realised."""
-    editor = Editor(tiny, tiny_hparams(tiny_dirs, "alphaedit"))
+    editor = Editor(tiny, tiny_hparams(tiny_dirs["corpus"], "alphaedit"))
     before = _subject_output(tiny, REQUESTS[0], 2)
     diag = editor.apply(REQUESTS[:1], editor.new_state()).applied[0]
     moved = float((_subject_output(tiny, REQUESTS[0], 2) - before).norm())
@@ -71,7 +71,7 @@ def test_edit_moves_the_subject_representation_by_the_realised_plan(tiny, tiny_d
 
 def test_statistics_are_cached_with_provenance(tiny_dirs, tmp_path):
     loaded = load_model(tiny_dirs["llama"], device=DEVICE)
-    params = tiny_hparams(tiny_dirs).stats
+    params = tiny_hparams(tiny_dirs["corpus"]).stats
     first = key_statistics(loaded, (1, 2), params, tmp_path)
     files = sorted(p.name for p in tmp_path.rglob("*.safetensors"))
     assert len(files) == 2 and all(name.startswith("c0-model.layers.") for name in files)
@@ -91,7 +91,9 @@ def test_statistics_are_cached_with_provenance(tiny_dirs, tmp_path):
 
 def test_model_sampled_statistics_are_seeded(tiny_dirs):
     loaded = load_model(tiny_dirs["gpt2"], device=DEVICE)
-    params = tiny_hparams(tiny_dirs).stats.__class__(source="model", n_tokens=200, seq_len=20, batch_size=5, seed=3)
+    params = tiny_hparams(tiny_dirs["corpus"]).stats.__class__(
+        source="model", n_tokens=200, seq_len=20, batch_size=5, seed=3
+    )
     a = key_statistics(loaded, (1,), params, None)[1]
     b = key_statistics(loaded, (1,), params, None)[1]
     assert a.count == b.count >= 200
@@ -136,7 +138,7 @@ def test_diagnostics_score_prompt_paraphrases_and_neighbours(tiny, tiny_dirs):
         neighbors=(("The capital of Italy is", "Rome"), ("The capital of Japan is", "Tokyo")),
         key="7",
     )
-    editor = Editor(tiny, tiny_hparams(tiny_dirs, "alphaedit"))
+    editor = Editor(tiny, tiny_hparams(tiny_dirs["corpus"], "alphaedit"))
     diag = editor.apply([request], editor.new_state()).applied[0]
     for scores in (diag.pre, diag.post):
         metrics = scores.metrics()
