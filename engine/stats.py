@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from engine.hooks import capture_inputs, forward_hooks, run_until_stopped
 from engine.hparams import StatsParams
 from engine.models import LoadedModel, seeded
+from engine.requests import Row, make_batch
 
 MODEL_SOURCE = "model"
 _TEXT_SUFFIXES = (".txt", ".raw", ".tokens", ".md", "")
@@ -217,20 +218,12 @@ def _read_text(
     bar = tqdm(total=sum(len(w) for w in windows), desc="C0 from text", unit="tok", leave=False)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for start in range(0, len(windows), params.batch_size):
-        chunk = windows[start : start + params.batch_size]
-        width = max(len(w) for w in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for i, window in enumerate(chunk):
-            input_ids[i, : len(window)] = torch.tensor(window)
-            mask[i, : len(window)] = 1
+        batch = make_batch([Row(w) for w in windows[start : start + params.batch_size]], pad, loaded.device)
         for moment in moments.values():
-            moment.mask = mask.to(loaded.device)
+            moment.mask = batch.attention_mask
         with capture_inputs(loaded.model, [], stop_after=stop_after):
-            run_until_stopped(
-                loaded.model, input_ids=input_ids.to(loaded.device), attention_mask=mask.to(loaded.device)
-            )
-        bar.update(int(mask.sum()))
+            run_until_stopped(loaded.model, **batch.inputs())
+        bar.update(int(batch.attention_mask.sum()))
     bar.close()
     for moment in moments.values():
         moment.mask = None

@@ -15,6 +15,7 @@ from statistics import median
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from engine.requests import Row, make_batch
 from engine.scoring import completion_scores
 from evaluation.counterfact import CounterFactRecord
 
@@ -105,17 +106,13 @@ def perplexity(
     total, count = 0.0, 0
     pad = tokenizer.pad_token_id or 0
     for start in range(0, len(windows), batch):
-        chunk = windows[start : start + batch]
-        width = max(len(w) for w in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for i, w in enumerate(chunk):
-            input_ids[i, : len(w)] = torch.tensor(w)
-            mask[i, : len(w)] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        tokens = make_batch([Row(w) for w in windows[start : start + batch]], pad, device)
+        input_ids, mask = tokens.input_ids, tokens.attention_mask
+        logits = model(**tokens.inputs(), use_cache=False).logits[:, :-1].float()
         logp = torch.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
         keep = mask[:, 1:].bool()
         total -= float(logp[keep].sum())
         count += int(keep.sum())
+    if count == 0:
+        raise ValueError("perplexity needs text of at least two tokens")
     return math.exp(total / count)
