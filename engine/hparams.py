@@ -57,18 +57,18 @@ class OuterParams:
     lr: float = 0.1
     beta: float = 0.0625
     """Weight of the locality KL under the virtual update."""
-    gamma: float = 1.0
+    gamma: float = 50.0
     """Price of the realised weight change, ``||R B||^2 / ||W||^2``."""
     safety_clamp_factor: float = 1.5
     """Generous bound on ``||delta|| / ||h||`` replacing the upstream uniform clamp."""
     steps_after_success: int = 1
     target_margin: float = 0.0
     """Stop once every target token is the top prediction with this log-probability margin."""
-    warm_start: bool = True
+    warm_start: bool = False
     """Start from the upstream plan (True) or from zero, skipping the upstream stage (False)."""
-    lr_zero_start: float = 0.5
+    lr_zero_start: float = 0.6
     """Learning rate when starting from zero (the upstream's, since the loop then does its work)."""
-    generic_kl: bool = True
+    generic_kl: bool = False
     """Also anchor the next-token distribution after the generic prefixes (unrelated text)."""
 
 

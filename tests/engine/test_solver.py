@@ -7,6 +7,7 @@ import torch
 from tiny_models import DEVICE, REQUESTS, tiny_hparams
 
 from engine.editor import EditFailed, Editor
+from engine.models import load_model
 from engine.requests import EditRequest
 from engine.solver import Constraint, SolveFailed, update_operator
 
@@ -41,7 +42,6 @@ def test_alphaedit_update_leaves_preserved_keys_unchanged(tiny, tiny_dirs):
 
 
 def test_metake_without_outer_loop_gives_alphaedits_weights_and_state(tiny_dirs):
-    from engine.models import load_model
 
     results = []
     for method, changes in (("alphaedit", {}), ("metake", {"outer": {"steps": 0}})):
@@ -56,24 +56,29 @@ def test_metake_without_outer_loop_gives_alphaedits_weights_and_state(tiny_dirs)
     assert s_alpha.equals(s_meta)
 
 
-def test_metake_outer_loop_changes_the_plan(tiny_dirs):
-    from engine.models import load_model
-
-    weights = []
-    for steps in (0, 4):
+def test_metake_outer_loop_plans_under_the_virtual_update(tiny_dirs):
+    """Off: AlphaEdit's upstream plan. Zero start (default): the outer loop does the planning.
+    Warm start: the upstream plan, then outer steps (here all of them, the margin being unreachable)."""
+    results = {}
+    for name, outer in (
+        ("off", {"steps": 0}),
+        ("zero", {"steps": 4}),
+        ("warm", {"steps": 4, "warm_start": True, "target_margin": 50.0}),
+    ):
         loaded = load_model(tiny_dirs["llama"], device=DEVICE)
-        editor = Editor(
-            loaded, tiny_hparams(tiny_dirs["corpus"], "metake", outer={"steps": steps, "target_margin": 5.0})
-        )
-        outcome = editor.apply(REQUESTS[:1], editor.new_state())
-        assert outcome.applied[0].outer_steps == steps
-        weights.append(editor.edited_weights())
-    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+        editor = Editor(loaded, tiny_hparams(tiny_dirs["corpus"], "metake", outer=outer))
+        diag = editor.apply(REQUESTS[:1], editor.new_state()).applied[0]
+        results[name] = (diag.upstream_steps, diag.outer_steps, editor.edited_weights())
+    assert results["off"][0] > 0 and results["off"][1] == 0
+    assert results["zero"][0] == 0 and results["zero"][1] > 0
+    assert results["warm"][0] > 0 and results["warm"][1] == 4
+    off, zero, warm = (results[k][2] for k in ("off", "zero", "warm"))
+    assert any(not torch.equal(off[k], zero[k]) for k in off)
+    assert any(not torch.equal(off[k], warm[k]) for k in off)
 
 
 def test_memit_gain_is_below_alphaedit_gain(tiny_dirs):
     """MEMIT's lambda C0 suppresses the realised share of the plan; AlphaEdit's projector less so."""
-    from engine.models import load_model
 
     gains = {}
     for method in ("memit", "alphaedit"):
