@@ -7,9 +7,11 @@ that the only difference between two rows is the method.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -160,6 +162,8 @@ def run_benchmark(
         if "perplexity" in base_metrics:
             result.metrics["perplexity_drift"] = result.metrics["perplexity"] - base_metrics["perplexity"]
         results.append(result)
+        if progress:
+            tqdm.write(f"done: {json.dumps(result.summary())}", file=sys.stderr)
     first.load_weights(base_weights)
     by_name = {r.method: r for r in results}
     if "alphaedit" in by_name and "metake" in by_name and by_name["alphaedit"].seconds_per_edit:
