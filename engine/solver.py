@@ -47,6 +47,8 @@ def update_operator(keys: torch.Tensor, constraint: Constraint) -> torch.Tensor:
     """``B`` for keys ``K`` (d_k x u), solved in float64; raises :class:`SolveFailed`."""
     k = keys.double()
     gram = k @ k.T + constraint.preserved
+    if not (torch.isfinite(gram).all() and torch.isfinite(k).all()):
+        raise SolveFailed("the constraint system has NaN or infinite values")
     eye = torch.eye(k.shape[0], dtype=torch.float64, device=k.device)
     if constraint.projector is None:
         lhs, rhs = gram + constraint.ridge * eye, k

