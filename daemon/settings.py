@@ -9,13 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.methods import METHODS
 from storage.errors import InvalidInput
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MODEL = "default"
-"""engine.models.DEFAULT_MODEL, repeated so that reading settings does not import torch."""
-METHODS = ("metake", "alphaedit", "memit")
-"""engine.hparams.METHODS, likewise (a test checks that both agree)."""
+"""engine.models.DEFAULT_MODEL, repeated so that reading settings does not import torch (a test checks)."""
 
 
 @dataclass(frozen=True)

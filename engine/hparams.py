@@ -11,12 +11,10 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from engine.architecture import FAMILY_OF_MODEL_TYPE, ArchitectureSpec
-
-Method = Literal["metake", "alphaedit", "memit"]
-METHODS: tuple[Method, ...] = ("metake", "alphaedit", "memit")
+from engine.methods import METHODS, Method
 
 
 @dataclass(frozen=True)

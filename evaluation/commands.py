@@ -11,9 +11,8 @@ from pathlib import Path
 
 import click
 
+from engine.methods import METHODS
 from storage.home import resolve_home
-
-METHOD_NAMES = ("metake", "alphaedit", "memit")
 
 
 def _read_text_sample(path: Path | None, max_chars: int) -> list[str]:
@@ -80,11 +79,9 @@ def bench(
 ) -> None:
     """Edit the first N records in sequence with each method on the same model; print one table."""
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in chosen if m not in METHOD_NAMES]
+    unknown = [m for m in chosen if m not in METHODS]
     if unknown or not chosen:
-        raise click.UsageError(
-            f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHOD_NAMES)}"
-        )
+        raise click.UsageError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
     from engine.hparams import EditHyperParams
     from engine.models import ModelLoadError, load_model
     from evaluation.bench import format_table, run_benchmark
