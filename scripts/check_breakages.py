@@ -1,0 +1,157 @@
+"""Break the editing method on purpose, once per breakage, and check that a fast test fails.
+
+Each breakage is one exact textual change to a scratch copy of the checkout (the working tree is
+never touched); the fast engine tests then run on that copy. A breakage the tests survive is a
+hole in the tests. Usage: ``.venv/bin/python scripts/check_breakages.py [NAME ...]``; exit 1 if
+any breakage survives. Takes about 15 s a breakage on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Breakage:
+    name: str
+    path: str
+    old: str
+    new: str
+    why: str
+
+
+BREAKAGES = (
+    Breakage(
+        "outer-loop-plain-injector",
+        "engine/editor.py",
+        "virtual_update_injector(self.loaded, layer, operator),",
+        "residual_injector(self.loaded, pb, layer),",
+        "MetaKE's outer loop plans on the residual stream instead of the virtual constrained update",
+    ),
+    Breakage(
+        "price-ignores-B",
+        "engine/editor.py",
+        "return scale * (d.T @ b).pow(2).sum()",
+        "return scale * d.pow(2).sum()",
+        "the outer loop's price ignores the operator B",
+    ),
+    Breakage(
+        "c-prev-replaced",
+        "engine/state.py",
+        "layer: self.constraints[layer] + added[layer].to(self.constraints[layer]) for layer in self.layers",
+        "layer: added[layer].to(self.constraints[layer]) for layer in self.layers",
+        "C_prev holds only the last batch's K K^T instead of the sum over all batches",
+    ),
+    Breakage(
+        "residual-undivided",
+        "engine/editor.py",
+        "residual = (targets - current).T / (len(hp.layers) - i)",
+        "residual = (targets - current).T",
+        "the residual is not divided by the number of layers left",
+    ),
+    Breakage(
+        "solve-ignores-c-prev",
+        "engine/solver.py",
+        "return Constraint(projector, accumulated, hparams.solver.alpha)",
+        "return Constraint(projector, torch.zeros_like(accumulated), hparams.solver.alpha)",
+        "AlphaEdit's solve forgets the accumulated constraint (earlier edits unprotected)",
+    ),
+    Breakage(
+        "realised-norm-is-planned",
+        "engine/editor.py",
+        "realised_norm=float(realised[:, r].norm()),",
+        "realised_norm=float(delta[r].norm()),",
+        "the realised-norm diagnostic reports the planned norm",
+    ),
+    Breakage(
+        "lm-head-shifted",
+        "engine/scoring.py",
+        "at_targets = head(hidden[batch.target_rows, batch.target_positions]).float()",
+        "at_targets = head(hidden[batch.target_rows, batch.target_positions - 1]).float()",
+        "the LM head is applied one position early",
+    ),
+)
+
+
+def scratch_copy(destination: Path) -> None:
+    """The tracked and untracked-but-not-ignored files of the checkout (no .venv, no caches)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\0")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def run_tests(copy: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider", "tests/engine"],
+        cwd=copy,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
+def main(names: list[str]) -> int:
+    chosen = [b for b in BREAKAGES if not names or b.name in names]
+    if names and len(chosen) != len(names):
+        known = ", ".join(b.name for b in BREAKAGES)
+        print(f"unknown breakage in {names}; known: {known}", file=sys.stderr)
+        return 2
+    survived = []
+    with tempfile.TemporaryDirectory(prefix="metake-breakages-") as tmp:
+        pristine = Path(tmp) / "pristine"
+        scratch_copy(pristine)
+        probe = subprocess.run(
+            [sys.executable, "-c", "import engine; print(engine.__file__)"],
+            cwd=pristine,
+            env={**os.environ, "PYTHONPATH": str(pristine)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if not probe.startswith(str(pristine)):
+            print(f"the tests would import the engine from {probe}, not the scratch copy", file=sys.stderr)
+            return 2
+        for breakage in chosen:
+            copy = Path(tmp) / breakage.name
+            shutil.copytree(pristine, copy)
+            target = copy / breakage.path
+            text = target.read_text()
+            if text.count(breakage.old) != 1:
+                print(f"{breakage.name}: the text to break is not in {breakage.path} exactly once", file=sys.stderr)
+                return 2
+            target.write_text(text.replace(breakage.old, breakage.new))
+            started = time.perf_counter()
+            result = run_tests(copy)
+            failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
+            caught = result.returncode != 0 and bool(failed)
+            verdict = f"caught by {failed[0].split()[1]}" if caught else f"SURVIVED (pytest exit {result.returncode})"
+            print(f"{breakage.name:28s} {verdict}  [{time.perf_counter() - started:.0f} s] - {breakage.why}")
+            if not caught:
+                survived.append(breakage.name)
+            shutil.rmtree(copy)
+        print("pristine copy:", "passes" if run_tests(pristine).returncode == 0 else "FAILS (fix that first)")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
