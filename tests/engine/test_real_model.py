@@ -36,18 +36,17 @@ def test_default_model_is_the_embedded_smollm2_and_knows_facts(smollm):
     assert "Paris" in smollm.tokenizer.decode(out[0, ids.shape[1] :])
 
 
-def test_metake_corrects_five_counterfact_facts_in_sequence(smollm, model_cache, shared_data):
-    """Five train-split records the unedited model gets wrong are all right after five sequential
+def test_metake_corrects_five_counterfact_facts_in_sequence(smollm, model_cache, test_data):
+    """Five CounterFact records the unedited model gets wrong are all right after five sequential
     MetaKE edits, and the five neighbourhood prompts still get the same next token as before."""
-    candidates = load_counterfact(shared_data / "counterfact" / "easyedit_counterfact-train.json", 40)
-    before = score_records(smollm.model, smollm.tokenizer, candidates)
-    chosen = [r for r, s in zip(candidates, before, strict=True) if s.rewrite[0] < s.rewrite[1]][:5]
-    assert len(chosen) == 5
+    chosen = load_counterfact(test_data / "counterfact-excerpt.json", 5)
+    before = score_records(smollm.model, smollm.tokenizer, chosen)
+    assert all(s.rewrite[0] < s.rewrite[1] for s in before), [s.rewrite for s in before]  # as the excerpt was chosen
     neighbours = [r.neighborhood for r in chosen]
     neighbour_tokens = _next_tokens(smollm, neighbours)
 
     hparams = EditHyperParams.defaults_for(smollm.model_type).with_changes(
-        stats={"source": str(shared_data / "corpus" / "wikitext-2-raw_wiki.test.raw"), "n_tokens": 20000}
+        stats={"source": str(test_data / "wikitext-2-raw-test-head.raw"), "n_tokens": 20000}
     )
     editor = Editor(smollm, hparams, model_cache / "stats")
     base = editor.edited_weights()

@@ -1,13 +1,12 @@
 """Fixtures that give each test a fresh database on every available backend.
 
-SQLite always; PostgreSQL too when METAKE_TEST_PG_URL points at a server whose user may create
-databases. A migrated template is made once per session (a file copied per test on SQLite, a
+SQLite always, and PostgreSQL: the session's server from ``pg_url`` (tests/conftest.py). A migrated
+template is made once per session (a file copied per test on SQLite, a
 ``CREATE DATABASE ... TEMPLATE`` on PostgreSQL), so a fresh database costs milliseconds.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,29 +23,20 @@ from storage.db import make_engine, session_factory, upgrade
 from storage.home import DB_URL_ENV, HOME_ENV
 from storage.models import AuditEvent, Checkpoint, Correction, Edit, Metric
 
-PG_URL_ENV = "METAKE_TEST_PG_URL"
-PG_URL = os.environ.get(PG_URL_ENV) or None
-
-BACKENDS = [
-    pytest.param("sqlite", id="sqlite"),
-    pytest.param(
-        "postgresql",
-        id="postgresql",
-        marks=[pytest.mark.postgres, pytest.mark.skipif(PG_URL is None, reason=f"{PG_URL_ENV} is not set")],
-    ),
-]
+BACKENDS = [pytest.param("sqlite"), pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 
 class Databases:
     """Creates and drops throwaway databases on one backend."""
 
-    def __init__(self, backend: str, workdir: Path) -> None:
+    def __init__(self, backend: str, workdir: Path, pg_url: str | None = None) -> None:
         self.backend = backend
         self.workdir = workdir
+        self.pg_url = pg_url
         self._admin: Engine | None = None
         if backend == "postgresql":
-            assert PG_URL is not None
-            self._admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+            assert pg_url is not None
+            self._admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
         self.template = self.empty()
         upgrade(self.template)
 
@@ -60,7 +50,7 @@ class Databases:
             return f"sqlite:///{self.workdir / name}.sqlite3"
         with self._admin.connect() as connection:
             connection.execute(text(f'CREATE DATABASE "{name}"'))
-        return make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+        return make_url(self.pg_url).set(database=name).render_as_string(hide_password=False)
 
     def migrated(self) -> str:
         """A new database already at the newest schema revision."""
@@ -72,7 +62,7 @@ class Databases:
         template = make_url(self.template).database
         with self._admin.connect() as connection:
             connection.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
-        return make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+        return make_url(self.pg_url).set(database=name).render_as_string(hide_password=False)
 
     def drop(self, url: str) -> None:
         if self._admin is None:
@@ -96,7 +86,8 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
 
 @pytest.fixture(scope="session", params=BACKENDS)
 def databases(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Databases]:
-    factory = Databases(request.param, tmp_path_factory.mktemp(f"db-{request.param}"))
+    pg_url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    factory = Databases(request.param, tmp_path_factory.mktemp(f"db-{request.param}"), pg_url)
     yield factory
     factory.close()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -17,8 +16,6 @@ from storage.records import (
     parse_neighbor_option,
     read_corrections_file,
 )
-
-COUNTERFACT_FILE = Path(__file__).resolve().parents[3] / "shared/data/counterfact/easyedit_counterfact-val.json"
 
 DARRIEUX = {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target": "English"}
 COUNTERFACT_RECORD = {
@@ -218,12 +215,13 @@ def test_unreadable_files(tmp_path):
         read_corrections_file(binary)
 
 
-@pytest.mark.skipif(not COUNTERFACT_FILE.exists(), reason=f"{COUNTERFACT_FILE} is not present")
-def test_the_shared_counterfact_file_parses_completely():
-    parsed = read_corrections_file(COUNTERFACT_FILE)
-    records = json.loads(COUNTERFACT_FILE.read_text())
+def test_the_counterfact_excerpt_parses_completely(test_data):
+    excerpt = test_data / "counterfact-excerpt.json"
+    parsed = read_corrections_file(excerpt)
+    records = json.loads(excerpt.read_text())
     assert parsed.errors == []
-    assert len(parsed.corrections) == len(records)
-    first = parsed.corrections[0][1]
-    assert first.prompt.replace("{}", first.subject) == records[0]["prompt"]
-    assert first.original_answer == records[0]["ground_truth"]
+    assert len(parsed.corrections) == len(records) >= 40
+    for (_, correction), record in zip(parsed.corrections, records, strict=True):
+        assert correction.prompt.replace("{}", correction.subject) == record["prompt"]
+        assert (correction.target, correction.original_answer) == (record["target_new"], record["ground_truth"])
+        assert correction.source == f"counterfact:{record['case_id']}"
