@@ -296,11 +296,8 @@ class Daemon:
             )
         except CheckpointFileError as error:
             raise DaemonError(f"{error}; the daemon will not start from it") from error
-        hp = self.ws.hparams
         try:
-            contents.state.check_compatible(
-                self.model, hp.layers, {k: s.sha256 for k, s in self.ws.editor.stats.items()}
-            )
+            self.ws.editor.check_state(contents.state)
         except StateMismatch as error:
             raise DaemonError(
                 f"{label} does not fit these settings: {error}; use the hyperparameters it was made "

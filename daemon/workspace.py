@@ -8,6 +8,7 @@ the unedited layers stays in memory: it is the baseline of the drift check and c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -52,28 +53,44 @@ def check_device(name: str | None) -> None:
 
 
 def load_base_model(settings: DaemonSettings, home: DataHome) -> LoadedModel:
-    """The base model from the settings (cached in the home); bad settings become InvalidInput."""
+    """The base model from the settings (cached in the home); bad settings become InvalidInput.
+
+    A hyperparameter file's ``[architecture]`` templates reach the loader, so that a model type
+    outside the built-in table loads once its module names are given there."""
     check_device(settings.device)
+    architecture = _read_hparams(settings.hparams_file).architecture if settings.hparams_file else None
     try:
-        return load_model(settings.model, cache_dir=home.models_dir, device=settings.device, dtype=settings.dtype)
+        return load_model(
+            settings.model,
+            cache_dir=home.models_dir,
+            device=settings.device,
+            dtype=settings.dtype,
+            architecture=architecture,
+        )
     except (ModelLoadError, ValueError) as error:
         raise InvalidInput(str(error)) from error
     except RuntimeError as error:  # e.g. an unknown or unavailable device
         raise InvalidInput(f"cannot load the model on device {settings.device!r}: {error}") from error
 
 
+def _read_hparams(path: Path) -> EditHyperParams:
+    try:
+        return EditHyperParams.from_file(path)
+    except (ValueError, TypeError, OSError) as error:
+        raise InvalidInput(f"{path}: {error}") from error
+
+
 def resolve_hparams(settings: DaemonSettings, loaded: LoadedModel) -> EditHyperParams:
     """The hyperparameter file if given, else the engine's defaults; ``--method`` overrides."""
-    try:
-        if settings.hparams_file is not None:
-            hparams = EditHyperParams.from_file(settings.hparams_file)
-        else:
-            hparams = EditHyperParams.defaults_for(loaded.model_type)
-        if settings.method is not None:
+    if settings.hparams_file is not None:
+        hparams = _read_hparams(settings.hparams_file)
+    else:
+        hparams = EditHyperParams.defaults_for(loaded.model_type)
+    if settings.method is not None:
+        try:
             hparams = hparams.with_changes(method=settings.method)
-    except (ValueError, TypeError, OSError) as error:
-        where = settings.hparams_file or "the default hyperparameters"
-        raise InvalidInput(f"{where}: {error}") from error
+        except ValueError as error:
+            raise InvalidInput(str(error)) from error
     if hparams.last_layer >= loaded.n_layers:
         raise InvalidInput(f"hyperparameters edit layer {hparams.last_layer}, but the model has {loaded.n_layers}")
     return hparams

@@ -97,6 +97,15 @@ def architecture_for(model_type: str, override: ArchitectureSpec | None = None) 
         ) from None
 
 
+def check_templates(model: nn.Module, spec: ArchitectureSpec) -> None:
+    """Raise :class:`UnknownArchitectureError` unless every template names a module of ``model``
+    (at layer 0), so that wrong ``[architecture]`` settings fail at load time with one line."""
+    for name in (spec.layers, spec.layer(0), spec.mlp_out_of(0), spec.final_norm, spec.lm_head):
+        get_module(model, name)
+    if not isinstance(getattr(get_module(model, spec.mlp_out_of(0)), "weight", None), torch.Tensor):
+        raise UnknownArchitectureError(f"module {spec.mlp_out_of(0)!r} has no weight matrix to edit")
+
+
 def get_module(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)

@@ -96,6 +96,18 @@ class Editor:
     def key_width(self) -> int:
         return int(next(iter(self._c0.values())).shape[0])
 
+    def state_settings(self) -> dict[str, str]:
+        """What the accumulated constraints and every later edit depend on besides ``C0`` and the
+        projectors: the method and its solver's settings (a state refuses to continue under others)."""
+        solver = self.hparams.solver
+        return {
+            "method": self.hparams.method,
+            "alpha": repr(solver.alpha),
+            "mom2_weight": repr(solver.mom2_weight),
+            "nullspace_threshold": repr(solver.nullspace_threshold),
+            "nullspace_relative": str(solver.nullspace_relative).lower(),
+        }
+
     def new_state(self) -> EditorState:
         """The state of a model nobody has edited yet (with its context prefixes chosen once)."""
         up = self.hparams.upstream
@@ -107,6 +119,17 @@ class Editor:
             {layer: s.sha256 for layer, s in self.stats.items()},
             {layer: p.sha256 for layer, p in self.projectors.items()},
             generate_prefixes(self.loaded, up.n_prefixes, up.prefix_tokens, self.hparams.seed),
+            self.state_settings(),
+        )
+
+    def check_state(self, state: EditorState) -> None:
+        """Raise ``StateMismatch`` unless ``state`` can continue on this model under these settings."""
+        state.check_compatible(
+            self.loaded.identity,
+            self.hparams.layers,
+            {layer: s.sha256 for layer, s in self.stats.items()},
+            {layer: p.sha256 for layer, p in self.projectors.items()},
+            self.state_settings(),
         )
 
     def edited_weights(self) -> dict[str, torch.Tensor]:
@@ -129,7 +152,7 @@ class Editor:
 
     def apply(self, requests: list[EditRequest], state: EditorState) -> EditOutcome:
         """Edit the model with ``requests`` as one batch; raises :class:`EditFailed` after a full rollback."""
-        state.check_compatible(self.loaded.identity, self.hparams.layers, {k: s.sha256 for k, s in self.stats.items()})
+        self.check_state(state)
         outcome = EditOutcome(state)
         encoded: list[EncodedRequest] = []
         for request in requests:

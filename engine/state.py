@@ -18,7 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+_READABLE_FORMATS = ("1", FORMAT_VERSION)
+"""Format 1 had no ``settings``: such states are checked on everything but those."""
 
 
 class StateMismatch(ValueError):  # noqa: N818 - reads as "the state does not match"
@@ -41,6 +43,10 @@ class EditorState:
     projector_sha256: dict[int, str] = field(default_factory=dict)
     prefixes: tuple[str, ...] = ()
     """The generic context prefixes used for every edit of this model's life."""
+    settings: dict[str, str] = field(default_factory=dict)
+    """The method and solver settings the constraints were accumulated under (see
+    ``Editor.state_settings``); continuing a life under other ones would silently change what
+    every later edit means, so a restore refuses them."""
 
     @classmethod
     def fresh(
@@ -52,10 +58,19 @@ class EditorState:
         c0_sha256: dict[int, str] | None = None,
         projector_sha256: dict[int, str] | None = None,
         prefixes: tuple[str, ...] = (),
+        settings: dict[str, str] | None = None,
     ) -> EditorState:
         zeros = {layer: torch.zeros(d_k, d_k, dtype=torch.float32, device=device) for layer in layers}
         return cls(
-            model_identity, tuple(layers), zeros, 0, 0, dict(c0_sha256 or {}), dict(projector_sha256 or {}), prefixes
+            model_identity,
+            tuple(layers),
+            zeros,
+            0,
+            0,
+            dict(c0_sha256 or {}),
+            dict(projector_sha256 or {}),
+            prefixes,
+            dict(settings or {}),
         )
 
     def after_batch(self, added: dict[int, torch.Tensor], n_requests: int) -> EditorState:
@@ -72,6 +87,7 @@ class EditorState:
             self.c0_sha256,
             self.projector_sha256,
             self.prefixes,
+            self.settings,
         )
 
     def metadata(self) -> dict[str, str]:
@@ -84,6 +100,7 @@ class EditorState:
             "c0_sha256": json.dumps({str(k): v for k, v in self.c0_sha256.items()}),
             "projector_sha256": json.dumps({str(k): v for k, v in self.projector_sha256.items()}),
             "prefixes": json.dumps(list(self.prefixes)),
+            "settings": json.dumps(self.settings, sort_keys=True),
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -106,7 +123,7 @@ class EditorState:
 
     @classmethod
     def from_parts(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> EditorState:
-        if meta.get("format") != FORMAT_VERSION:
+        if meta.get("format") not in _READABLE_FORMATS:
             raise StateMismatch(f"unsupported editor state format {meta.get('format')!r}")
         layers = tuple(json.loads(meta["layers"]))
         return cls(
@@ -118,6 +135,7 @@ class EditorState:
             {int(k): v for k, v in json.loads(meta["c0_sha256"]).items()},
             {int(k): v for k, v in json.loads(meta["projector_sha256"]).items()},
             tuple(json.loads(meta["prefixes"])),
+            json.loads(meta.get("settings", "{}")),
         )
 
     @classmethod
@@ -127,13 +145,31 @@ class EditorState:
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
         return cls.from_parts(meta, tensors)
 
-    def check_compatible(self, model_identity: str, layers: tuple[int, ...], c0_sha256: dict[int, str]) -> None:
+    def check_compatible(
+        self,
+        model_identity: str,
+        layers: tuple[int, ...],
+        c0_sha256: dict[int, str],
+        projector_sha256: dict[int, str] | None = None,
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        """Raise :class:`StateMismatch` (one line) unless this state can continue under these settings."""
         if self.model_identity != model_identity:
             raise StateMismatch(f"state belongs to model {self.model_identity}, not {model_identity}")
         if self.layers != tuple(layers):
             raise StateMismatch(f"state edits layers {list(self.layers)}, the settings say {list(layers)}")
         if self.c0_sha256 and self.c0_sha256 != c0_sha256:
             raise StateMismatch("state was built against other C0 statistics than the cached ones")
+        if self.settings and settings is not None:
+            changed = [
+                f"{key} {self.settings.get(key, '(unset)')} -> {settings.get(key, '(unset)')}"
+                for key in sorted(set(self.settings) | set(settings))
+                if self.settings.get(key) != settings.get(key)
+            ]
+            if changed:
+                raise StateMismatch(f"state was built with other editing settings ({', '.join(changed)})")
+        if self.projector_sha256 and projector_sha256 is not None and self.projector_sha256 != projector_sha256:
+            raise StateMismatch("state was built against other null-space projectors than the cached ones")
 
     def equals(self, other: EditorState) -> bool:
         """Bitwise equality of tensors and metadata."""

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from engine.architecture import get_module
 from engine.hooks import capture_inputs, forward_hooks, run_until_stopped
 from engine.hparams import StatsParams
 from engine.models import LoadedModel, seeded
@@ -166,7 +167,7 @@ def _compute(
 
 
 def _key_width(loaded: LoadedModel, name: str) -> int:
-    weight = loaded.model.get_submodule(name).weight
+    weight = get_module(loaded.model, name).weight
     return int(weight.shape[0] if loaded.spec.weight_transposed else weight.shape[1])
 
 

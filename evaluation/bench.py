@@ -29,6 +29,9 @@ from engine.hparams import EditHyperParams, Method
 from engine.models import LoadedModel
 from evaluation.counterfact import CounterFactRecord
 from evaluation.metrics import counterfact_metrics, fluency, perplexity, score_records
+from evaluation.zsre import ZsreRecord, score_zsre, zsre_metrics
+
+Record = CounterFactRecord | ZsreRecord
 
 
 class PeakMemory:
@@ -100,11 +103,27 @@ class MethodResult:
         return row
 
 
+def edit_score(metrics: dict[str, float]) -> float:
+    """One number to tune on: the harmonic mean of efficacy, generalisation and specificity (or
+    zsRE locality), MEMIT's "score", so that no figure can be bought by giving up another."""
+    parts = [metrics["efficacy"], metrics["generalisation"], metrics.get("specificity", metrics.get("locality"))]
+    if any(p is None for p in parts):
+        raise KeyError("edit_score needs efficacy, generalisation and specificity or locality")
+    return 0.0 if min(parts) <= 0 else statistics.harmonic_mean(parts)
+
+
 def evaluate_model(
-    loaded: LoadedModel, records: list[CounterFactRecord], texts: list[str], fluency_n: int, before: list | None
+    loaded: LoadedModel, records: list[Record], texts: list[str], fluency_n: int, before: list | None
 ) -> tuple[dict[str, float], list]:
-    scores = score_records(loaded.model, loaded.tokenizer, records)
-    metrics = counterfact_metrics(scores, before)
+    """The dataset's own metrics (CounterFact or zsRE), fluency and perplexity of the model as it is."""
+    if records and isinstance(records[0], ZsreRecord):
+        scores: list = score_zsre(loaded.model, loaded.tokenizer, records)  # type: ignore[arg-type]
+        metrics = zsre_metrics(scores, before)
+    else:
+        scores = score_records(loaded.model, loaded.tokenizer, records)  # type: ignore[arg-type]
+        metrics = counterfact_metrics(scores, before)
+    if before is not None or "specificity" in metrics:
+        metrics["score"] = edit_score(metrics)
     if fluency_n:
         metrics["fluency"] = fluency(loaded.model, loaded.tokenizer, [r.prompt for r in records[:fluency_n]])
     if texts:
@@ -115,15 +134,24 @@ def evaluate_model(
 def run_benchmark(
     loaded: LoadedModel,
     hparams: EditHyperParams,
-    records: list[CounterFactRecord],
+    records: list[Record],
     methods: list[Method],
     batch_size: int,
     stats_dir: Path | None,
     texts: list[str],
     fluency_n: int = 50,
     progress: bool = True,
+    method_hparams: dict[str, EditHyperParams] | None = None,
 ) -> list[MethodResult]:
-    """Edit ``records`` in sequence with each method from the same base weights; score each final model."""
+    """Edit ``records`` in sequence with each method from the same base weights; score each final model.
+
+    ``method_hparams`` gives a method its own (tuned) hyperparameters instead of ``hparams``;
+    every method must edit the same layers, so that the base weights restore all of them.
+    """
+    per_method = {m: (method_hparams or {}).get(m, hparams).with_changes(method=m) for m in methods}
+    for method, hp in per_method.items():
+        if hp.layers != hparams.layers:
+            raise ValueError(f"{method} edits layers {list(hp.layers)}, the benchmark {list(hparams.layers)}")
     base_metrics, base_scores = evaluate_model(loaded, records, texts, fluency_n, None)
     results = [MethodResult("unedited", base_metrics)]
     first = Editor(loaded, hparams, stats_dir)
@@ -133,7 +161,7 @@ def run_benchmark(
     memory = PeakMemory(loaded.device)
     for method in methods:
         first.load_weights(base_weights)
-        editor = Editor(loaded, hparams.with_changes(method=method), stats_dir)
+        editor = Editor(loaded, per_method[method], stats_dir)
         result = MethodResult(method)
         state = editor.new_state()
         with memory.watch():
@@ -179,6 +207,8 @@ COLUMNS = (
     ("efficacy", "eff"),
     ("generalisation", "gen"),
     ("specificity", "spec"),
+    ("locality", "loc"),
+    ("score", "score"),
     ("neighbor_logprob_shift", "nbr_dlogp"),
     ("fluency", "fluency"),
     ("perplexity", "ppl"),

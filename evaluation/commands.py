@@ -30,15 +30,29 @@ def _read_text_sample(path: Path | None, max_chars: int) -> list[str]:
     "data",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     required=True,
-    help="A CounterFact JSON file (EasyEdit format).",
+    help="A CounterFact (EasyEdit format) or zsRE (MEND/EasyEdit format) JSON file; the format is detected.",
 )
-@click.option("--n", "n", type=click.IntRange(min=1), default=200, show_default=True, help="Records, from the first.")
+@click.option("--n", "n", type=click.IntRange(min=1), default=200, show_default=True, help="Records to edit.")
+@click.option(
+    "--offset",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Start at this record of the file (e.g. 1000: past the records anyone tuned on).",
+)
 @click.option("--methods", default="metake,alphaedit,memit", show_default=True, help="Comma-separated methods.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option(
     "--model", "model", default="default", show_default=True, help="HF model directory, .gguf file, or default."
 )
 @click.option("--hparams", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Hyperparameter TOML.")
+@click.option(
+    "--method-hparams",
+    "method_hparams",
+    multiple=True,
+    metavar="METHOD=FILE",
+    help="A method's own hyperparameter TOML (e.g. tuned); repeatable. Same layers as --hparams.",
+)
 @click.option("--stats-source", help="C0 text source: 'model' or a text file/folder (overrides the hparams).")
 @click.option("--stats-tokens", type=click.IntRange(min=1000), help="Tokens for C0 (overrides the hparams).")
 @click.option("--layers", help="Comma-separated critical layers (overrides the hparams).")
@@ -63,10 +77,12 @@ def bench(
     ctx: click.Context,
     data: Path,
     n: int,
+    offset: int,
     methods: str,
     batch_size: int,
     model: str,
     hparams: Path | None,
+    method_hparams: tuple[str, ...],
     stats_source: str | None,
     stats_tokens: int | None,
     layers: str | None,
@@ -86,18 +102,42 @@ def bench(
     from engine.models import ModelLoadError, load_model
     from evaluation.bench import format_table, run_benchmark
     from evaluation.counterfact import load_counterfact
+    from evaluation.zsre import is_zsre, load_zsre
 
+    per_method: dict[str, Path] = {}
+    for item in method_hparams:
+        name, sep, file = item.partition("=")
+        if not sep or name not in chosen or not Path(file).is_file():
+            raise click.UsageError(f"--method-hparams {item!r}: expected METHOD=FILE with a chosen method and a file")
+        per_method[name] = Path(file)
     home = getattr(ctx.obj, "home", None) or resolve_home(None)
+    given = EditHyperParams.from_file(hparams) if hparams else None
     try:
-        loaded = load_model(model, cache_dir=home.models_dir, device=device, dtype=dtype)
+        loaded = load_model(
+            model,
+            cache_dir=home.models_dir,
+            device=device,
+            dtype=dtype,
+            architecture=given.architecture if given else None,
+        )
     except ModelLoadError as exc:
         raise click.ClickException(str(exc)) from exc
-    hp = EditHyperParams.from_file(hparams) if hparams else EditHyperParams.defaults_for(loaded.model_type)
-    if stats_source or stats_tokens:
-        hp = hp.with_changes(stats={k: v for k, v in (("source", stats_source), ("n_tokens", stats_tokens)) if v})
-    if layers:
-        hp = hp.with_changes(layers=[int(x) for x in layers.split(",")])
-    records = load_counterfact(data, n)
+    hp = given or EditHyperParams.defaults_for(loaded.model_type)
+
+    def overridden(base: EditHyperParams) -> EditHyperParams:
+        if stats_source or stats_tokens:
+            base = base.with_changes(
+                stats={k: v for k, v in (("source", stats_source), ("n_tokens", stats_tokens)) if v}
+            )
+        return base.with_changes(layers=[int(x) for x in layers.split(",")]) if layers else base
+
+    hp = overridden(hp)
+    tuned = {name: overridden(EditHyperParams.from_file(file)) for name, file in per_method.items()}
+    with open(data) as handle:
+        zsre = is_zsre(json.load(handle))
+    records = load_zsre(data, n, offset) if zsre else load_counterfact(data, n, offset)
+    if not records:
+        raise click.UsageError(f"no records in {data} from record {offset} on")
     results = run_benchmark(
         loaded,
         hp,
@@ -107,13 +147,15 @@ def bench(
         home.stats_dir,
         _read_text_sample(ppl_text, ppl_chars),
         fluency_n,  # type: ignore[arg-type]
+        method_hparams=tuned,
     )
     rows = [r.summary() for r in results]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     click.echo(
-        f"model {loaded.source} ({loaded.identity[:19]}), layers {list(hp.layers)}, {len(records)} records, "
+        f"model {loaded.source} ({loaded.identity[:19]}), layers {list(hp.layers)}, {len(records)} "
+        f"{'zsRE' if zsre else 'CounterFact'} records from {offset}, "
         f"batch size {batch_size}, device {loaded.device}, C0 source {hp.stats.source} ({hp.stats.n_tokens} tok)"
     )
     click.echo(format_table(rows))

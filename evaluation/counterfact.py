@@ -37,8 +37,9 @@ class CounterFactRecord:
         )
 
 
-def load_counterfact(path: str | Path, n: int | None = None) -> list[CounterFactRecord]:
-    """The first ``n`` records of a CounterFact JSON file whose subject occurs in its prompt."""
+def load_counterfact(path: str | Path, n: int | None = None, offset: int = 0) -> list[CounterFactRecord]:
+    """``n`` records of a CounterFact JSON file, from record ``offset`` on (counted in the file,
+    so that a slice names the same records whatever is filtered), whose subject occurs in its prompt."""
     with open(path) as handle:
         raw = json.load(handle)
     records = [
@@ -51,7 +52,7 @@ def load_counterfact(path: str | Path, n: int | None = None) -> list[CounterFact
             r["rephrase_prompt"],
             r["locality_prompt"],
         )
-        for r in raw
+        for r in raw[offset:]
         if r["subject"] in r["prompt"]
     ]
     return records[:n] if n is not None else records

@@ -14,7 +14,15 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tokenizers import decoders as tk_decoders
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from engine.hparams import EditHyperParams
 from engine.requests import EditRequest
@@ -78,7 +86,9 @@ def save_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
 
 
 def save_tiny_model(kind: str, directory: Path) -> Path:
-    """A 4-layer ``llama`` or ``gpt2`` of width 32 (weights scaled up so it has confident outputs)."""
+    """A 4-layer ``llama``, ``gpt2`` or ``phi`` of width 32 (weights scaled up so it has confident outputs).
+
+    ``phi`` is outside the engine's built-in architecture table: it loads only with ``[architecture]``."""
     directory.mkdir(parents=True, exist_ok=True)
     tok = save_tokenizer(directory)
     torch.manual_seed(0)
@@ -97,6 +107,19 @@ def save_tiny_model(kind: str, directory: Path) -> Path:
             pad_token_id=tok.pad_token_id,
         )
         model = LlamaForCausalLM(config)
+    elif kind == "phi":
+        config = PhiConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            initializer_range=0.3,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        model = PhiForCausalLM(config)
     else:
         config = GPT2Config(
             vocab_size=len(tok),

@@ -157,3 +157,92 @@ def test_diagnostics_score_prompt_paraphrases_and_neighbours(tiny, tiny_dirs):
     bare = editor.apply([EditRequest("{} is in", "Paris", "France")], editor.new_state()).applied[0]
     assert set(bare.pre.metrics()) == {"target_prob", "efficacy"}
     assert bare.pre.holds == (bare.pre.target_prob > 0.5)
+
+
+def test_an_architecture_outside_the_table_loads_through_the_hparams_file(tmp_path, tiny_dirs):
+    """``[architecture]`` reaches the loader end to end: the daemon's model loading, the editor, an edit."""
+    from tiny_models import save_tiny_model, write_hparams
+
+    from daemon.settings import DaemonSettings
+    from daemon.workspace import load_base_model, resolve_hparams
+    from storage.errors import InvalidInput
+    from storage.home import DataHome
+
+    model_dir = save_tiny_model("phi", tmp_path / "phi")
+    with pytest.raises(UnknownArchitectureError, match="unknown model type 'phi': set \\[architecture\\]"):
+        load_model(model_dir, device=DEVICE)
+    hparams = write_hparams(tmp_path / "phi.toml", tiny_dirs["corpus"])
+    hparams.write_text(
+        hparams.read_text()
+        + '\n[architecture]\nlayers = "model.layers"\nmlp_out = "model.layers.{}.mlp.fc2"\n'
+        + 'final_norm = "model.final_layernorm"\nlm_head = "lm_head"\n'
+    )
+    home = DataHome(tmp_path / "home")
+    settings = DaemonSettings(model=str(model_dir), hparams_file=hparams, device=DEVICE)
+    loaded = load_base_model(settings, home)
+    assert loaded.model_type == "phi" and loaded.spec.mlp_out == "model.layers.{}.mlp.fc2"
+    editor = Editor(loaded, resolve_hparams(settings, loaded))
+    before = editor.edited_weights()
+    outcome = editor.apply(REQUESTS[:1], editor.new_state())
+    assert [d.key for d in outcome.applied] == ["1"]
+    after = editor.edited_weights()
+    assert set(after) == {"model.layers.1.mlp.fc2.weight", "model.layers.2.mlp.fc2.weight"}
+    assert all(not torch.equal(before[k], after[k]) for k in after)
+    hparams.write_text(hparams.read_text().replace("mlp.fc2", "mlp.nothing"))
+    with pytest.raises(InvalidInput, match="module 'model.layers.0.mlp.nothing' not found in PhiForCausalLM"):
+        load_base_model(settings, home)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"solver": {"nullspace_threshold": 0.2}}, "nullspace_threshold 0.1 -> 0.2"),
+        ({"solver": {"alpha": 0.5}}, "alpha 0.01 -> 0.5"),
+        ({"method": "alphaedit"}, "method metake -> alphaedit"),
+        ({"solver": {"mom2_weight": 10.0}}, "mom2_weight 15000.0 -> 10.0"),
+        ({"layers": [1, 3]}, "state edits layers \\[1, 2\\], the settings say \\[1, 3\\]"),
+    ],
+)
+def test_a_state_refuses_to_continue_under_other_settings(tiny_dirs, changes, message):
+    loaded = load_model(tiny_dirs["llama"], device=DEVICE)
+    state = Editor(loaded, tiny_hparams(tiny_dirs["corpus"], "metake")).new_state()
+    other = Editor(loaded, tiny_hparams(tiny_dirs["corpus"], "metake").with_changes(**changes))
+    with pytest.raises(StateMismatch, match=message):
+        other.apply(REQUESTS[:1], state)
+    with pytest.raises(StateMismatch, match=message):
+        other.check_state(EditorState.from_parts(state.metadata(), state.tensors()))
+
+
+def test_a_state_refuses_other_projectors_and_old_states_still_load(tiny, tiny_dirs):
+    import dataclasses
+
+    editor = Editor(tiny, tiny_hparams(tiny_dirs["corpus"], "metake"))
+    state = editor.new_state()
+    foreign = dataclasses.replace(state, projector_sha256={k: "0" * 64 for k in state.projector_sha256})
+    with pytest.raises(StateMismatch, match="other null-space projectors"):
+        editor.check_state(foreign)
+    old = {k: v for k, v in state.metadata().items() if k != "settings"} | {"format": "1"}
+    restored = EditorState.from_parts(old, state.tensors())
+    assert restored.settings == {}
+    editor.check_state(restored)  # a format-1 state has no settings to compare; the rest is checked
+
+
+def test_float32_accumulated_constraint_drifts_little_over_ten_thousand_edits():
+    """``C_prev`` is kept in float32 (half the checkpoint); its rounding after 10,000 single-edit
+    updates, against a float64 sum of the same keys, stays below 1e-5 of its norm (measured:
+    about 2e-6 for SmolLM2-like keys of norm ~20 in 256 dimensions)."""
+    torch.manual_seed(0)
+    d = 256
+    mixing = torch.randn(d, d, dtype=torch.float64) / d**0.5
+    state = EditorState.fresh("sha256:synthetic", (0,), d)
+    exact = torch.zeros(d, d, dtype=torch.float64)
+    for _ in range(100):
+        keys = mixing @ torch.randn(d, 100, dtype=torch.float64) * 2.0
+        for k in keys.T:
+            outer = torch.outer(k, k)
+            exact += outer
+            state = state.after_batch({0: outer}, 1)
+    drift = float((state.constraints[0].double() - exact).norm() / exact.norm())
+    print(f"relative drift of float32 C_prev after {state.edits} edits: {drift:.2e}")
+    assert state.edits == 10_000
+    assert drift < 1e-5

@@ -1,0 +1,146 @@
+"""Dataset slices, the zsRE protocol's metrics, the edit score, and ``metake bench`` wiring."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main
+from engine.hparams import EditHyperParams
+from engine.models import load_model
+from evaluation.bench import edit_score, run_benchmark
+from evaluation.counterfact import load_counterfact
+from evaluation.zsre import ZsreRecord, ZsreScores, is_zsre, load_zsre, score_zsre, zsre_metrics
+
+
+def counterfact_file(path, n=6):
+    records = [
+        {
+            "case_id": 100 + i,
+            "prompt": f"The capital of Land{i} is",
+            "subject": f"Land{i}" if i != 2 else "Elsewhere",  # record 2: subject not in its prompt
+            "target_new": "Rome",
+            "ground_truth": "Paris",
+            "rephrase_prompt": f"Land{i}'s capital is",
+            "locality_prompt": "The capital of France is",
+            "locality_ground_truth": "Paris",
+        }
+        for i in range(n)
+    ]
+    path.write_text(json.dumps(records))
+    return path
+
+
+def zsre_file(path):
+    records = [
+        {
+            "subject": subject,
+            "src": f"What is the capital of {subject}?",
+            "pred": "Paris",
+            "rephrase": f"Which city is the capital of {subject}?",
+            "alt": "Rome",
+            "answers": ["Paris"],
+            "loc": "nq question: who founded apple",
+            "loc_ans": "Steve Jobs",
+            "cond": "",
+        }
+        for subject in ("France", "Italy", "Japan")
+    ]
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_slices_count_records_in_the_file(tmp_path):
+    path = counterfact_file(tmp_path / "cf.json")
+    assert [r.case_id for r in load_counterfact(path)] == [100, 101, 103, 104, 105]
+    assert [r.case_id for r in load_counterfact(path, 2, offset=3)] == [103, 104]
+    assert [r.case_id for r in load_counterfact(path, None, offset=2)] == [103, 104, 105]
+    assert load_counterfact(path, 5, offset=6) == []
+
+
+def test_zsre_records_load_as_requests(tmp_path):
+    path = zsre_file(tmp_path / "zsre.json")
+    assert is_zsre(json.loads(path.read_text()))
+    assert not is_zsre(json.loads(counterfact_file(tmp_path / "cf.json").read_text()))
+    records = load_zsre(path, 2, offset=1)
+    assert [r.subject for r in records] == ["Italy", "Japan"] and records[0].case_id == 1
+    request = records[0].request()
+    assert request.prompt == "What is the capital of {}?" and request.subject == "Italy"
+    assert request.target == "Rome" and request.paraphrases == ("Which city is the capital of Italy?",)
+
+
+def test_zsre_metrics_are_token_level_top1_shares():
+    before = [ZsreScores((False, False), (False,), (5, 6)), ZsreScores((False,), (False,), (7,))]
+    after = [ZsreScores((True, False), (True,), (5, 9)), ZsreScores((True,), (False,), (7,))]
+    metrics = zsre_metrics(after, before)
+    assert metrics == {"efficacy": 75.0, "generalisation": 50.0, "locality": 75.0}
+    assert zsre_metrics(before) == {"efficacy": 0.0, "generalisation": 0.0}
+
+
+def test_zsre_scoring_matches_the_full_logits(tiny_llama):
+    """Top-1 hits under teacher forcing, checked against the argmax of the model's full logits."""
+    from engine.requests import encode_target
+
+    loaded = load_model(tiny_llama[0], device="cpu")
+    tok = loaded.tokenizer
+    question, answer = "The capital of France is", "Paris is in France"
+    record = ZsreRecord(0, question, "France", answer, question, "Rome is the capital of", "Italy")
+    prompt_ids, target_ids = tok(question).input_ids, encode_target(tok, question, answer)
+    with torch.no_grad():
+        logits = loaded.model(torch.tensor([prompt_ids + target_ids[:-1]])).logits[0]
+    top1 = logits[len(prompt_ids) - 1 :].argmax(dim=-1).tolist()
+    expected = tuple(a == b for a, b in zip(top1, target_ids, strict=True))
+    (scores,) = score_zsre(loaded.model, tok, [record])
+    assert len(target_ids) >= 3 and scores.rewrite == expected == scores.rephrase
+    assert len(scores.locality) == len(encode_target(tok, record.locality_prompt, "Italy"))
+    assert zsre_metrics([scores], [scores])["locality"] == 100.0
+
+
+def test_edit_score_is_the_harmonic_mean():
+    assert edit_score({"efficacy": 100.0, "generalisation": 50.0, "specificity": 100.0}) == pytest.approx(75.0)
+    assert edit_score({"efficacy": 90.0, "generalisation": 90.0, "locality": 90.0}) == pytest.approx(90.0)
+    assert edit_score({"efficacy": 100.0, "generalisation": 0.0, "specificity": 100.0}) == 0.0
+
+
+def test_each_method_runs_with_its_own_hparams(tiny_llama, tmp_path):
+    loaded = load_model(tiny_llama[0], device="cpu")
+    hp = EditHyperParams.from_file(tiny_llama[1])
+    records = load_zsre(zsre_file(tmp_path / "zsre.json"), 2)
+    plain = run_benchmark(loaded, hp, records, ["memit"], 1, None, [], fluency_n=0, progress=False)
+    tuned = run_benchmark(
+        loaded,
+        hp,
+        records,
+        ["memit"],
+        1,
+        None,
+        [],
+        fluency_n=0,
+        progress=False,
+        method_hparams={"memit": hp.with_changes(solver={"mom2_weight": 1.0})},
+    )
+    assert plain[0].metrics == tuned[0].metrics  # same unedited model, same records
+    assert set(plain[1].metrics) >= {"efficacy", "generalisation", "locality", "score"}
+    assert plain[1].relative_weight_change != tuned[1].relative_weight_change
+    with pytest.raises(ValueError, match="memit edits layers \\[1, 3\\], the benchmark \\[1, 2\\]"):
+        run_benchmark(loaded, hp, records, ["memit"], 1, None, [], 0, False, {"memit": hp.with_changes(layers=[1, 3])})
+
+
+def test_bench_command_reads_a_slice_and_per_method_hparams(tiny_llama, tmp_path):
+    model, hparams = tiny_llama
+    data = counterfact_file(tmp_path / "cf.json")
+    memit = tmp_path / "memit.toml"
+    memit.write_text(hparams.read_text().replace("[solver]", "[solver]\nmom2_weight = 1.0"))
+    args = ["--home", str(tmp_path / "home"), "bench", "--data", str(data), "--n", "2", "--offset", "3"]
+    args += ["--methods", "alphaedit,memit", "--model", str(model), "--hparams", str(hparams), "--device", "cpu"]
+    args += ["--method-hparams", f"memit={memit}", "--fluency-n", "0", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["method"] for r in rows] == ["unedited", "alphaedit", "memit"]
+    assert all(r["applied"] == 2 for r in rows[1:])
+    bad = CliRunner().invoke(main, [*args[:-3], "--method-hparams", "rome=x.toml"])
+    assert bad.exit_code == 2 and "expected METHOD=FILE" in bad.output
