@@ -190,7 +190,7 @@ class Editor:
 
         requests = [e.request for e in encoded]
         pre = fact_scores(lm.model, lm.tokenizer, requests)
-        lap("probabilities")
+        lap("scoring")
 
         pb = plan_batch(lm, encoded, [])
         h = subject_outputs(lm, pb, last)
@@ -250,7 +250,7 @@ class Editor:
         lap("solve")
 
         post = fact_scores(lm.model, lm.tokenizer, requests)
-        lap("probabilities")
+        lap("scoring")
 
         gain = operator_last @ keys_last.double()
         realised = delta.double().T @ gain

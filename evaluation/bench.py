@@ -86,6 +86,8 @@ class MethodResult:
     realised_gain: list[float] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     relative_weight_change: dict[int, float] = field(default_factory=dict)
+    stage_seconds: dict[str, list[float]] = field(default_factory=dict)
+    """Seconds per edit in each stage of ``Editor.apply`` (planning, outer loop, solve, scoring), per batch."""
 
     def summary(self) -> dict[str, Any]:
         row: dict[str, Any] = {"method": self.method, **{k: round(v, 4) for k, v in self.metrics.items()}}
@@ -97,6 +99,8 @@ class MethodResult:
             row["median_steps"] = statistics.median(self.steps) if self.steps else None
             row["max_relative_weight_change"] = round(max(self.relative_weight_change.values()), 4)
             row.update(applied=self.applied, rejected=self.rejected, failed=self.failed)
+            for stage, values in self.stage_seconds.items():
+                row[f"median_s_{stage}"] = round(statistics.median(values), 3)
             row["peak_rss_mb"] = round(self.peak_rss_mb, 1)
             if self.peak_cuda_mb is not None:
                 row["peak_cuda_mb"] = round(self.peak_cuda_mb, 1)
@@ -178,6 +182,9 @@ def run_benchmark(
                 result.rejected += len(outcome.rejected)
                 result.realised_gain += [d.realised_gain for d in outcome.applied]
                 result.steps += [d.upstream_steps + d.outer_steps for d in outcome.applied]
+                for stage, seconds in outcome.seconds.items():
+                    if stage != "total":
+                        result.stage_seconds.setdefault(stage, []).append(seconds / len(batch))
         result.peak_rss_mb = memory.peak_rss / 2**20
         cuda = memory.cuda_peak()
         result.peak_cuda_mb = cuda / 2**20 if cuda is not None else None

@@ -7,6 +7,7 @@ the ``metake`` CLI quick to start.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -71,6 +72,12 @@ def _read_text_sample(path: Path | None, max_chars: int) -> list[str]:
 )
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present).")
 @click.option("--dtype", default="float32", show_default=True)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch CPU threads (default: the cores this process may use); recorded with the results.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per method instead of a table.")
 @click.pass_context
 def bench(
@@ -91,6 +98,7 @@ def bench(
     fluency_n: int,
     device: str | None,
     dtype: str,
+    threads: int | None,
     as_json: bool,
 ) -> None:
     """Edit the first N records in sequence with each method on the same model; print one table."""
@@ -98,12 +106,16 @@ def bench(
     unknown = [m for m in chosen if m not in METHODS]
     if unknown or not chosen:
         raise click.UsageError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+    import torch
+
     from engine.hparams import EditHyperParams
     from engine.models import ModelLoadError, load_model
     from evaluation.bench import format_table, run_benchmark
     from evaluation.counterfact import load_counterfact
     from evaluation.zsre import is_zsre, load_zsre
 
+    threads = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
     per_method: dict[str, Path] = {}
     for item in method_hparams:
         name, sep, file = item.partition("=")
@@ -149,14 +161,15 @@ def bench(
         fluency_n,  # type: ignore[arg-type]
         method_hparams=tuned,
     )
-    rows = [r.summary() for r in results]
+    rows = [r.summary() | {"threads": threads, "batch_size": batch_size} for r in results]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     click.echo(
         f"model {loaded.source} ({loaded.identity[:19]}), layers {list(hp.layers)}, {len(records)} "
         f"{'zsRE' if zsre else 'CounterFact'} records from {offset}, "
-        f"batch size {batch_size}, device {loaded.device}, C0 source {hp.stats.source} ({hp.stats.n_tokens} tok)"
+        f"batch size {batch_size}, device {loaded.device}, {threads} thread(s), "
+        f"C0 source {hp.stats.source} ({hp.stats.n_tokens} tok)"
     )
     click.echo(format_table(rows))
 

@@ -136,11 +136,18 @@ def test_bench_command_reads_a_slice_and_per_method_hparams(tiny_llama, tmp_path
     memit.write_text(hparams.read_text().replace("[solver]", "[solver]\nmom2_weight = 1.0"))
     args = ["--home", str(tmp_path / "home"), "bench", "--data", str(data), "--n", "2", "--offset", "3"]
     args += ["--methods", "alphaedit,memit", "--model", str(model), "--hparams", str(hparams), "--device", "cpu"]
-    args += ["--method-hparams", f"memit={memit}", "--fluency-n", "0", "--json"]
-    result = CliRunner().invoke(main, args)
+    args += ["--method-hparams", f"memit={memit}", "--fluency-n", "0", "--threads", "1", "--json"]
+    threads = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(main, args)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert [r["method"] for r in rows] == ["unedited", "alphaedit", "memit"]
-    assert all(r["applied"] == 2 for r in rows[1:])
+    assert all(r["applied"] == 2 and r["threads"] == 1 and r["batch_size"] == 1 for r in rows[1:])
+    stages = {"median_s_scoring", "median_s_plan_setup", "median_s_upstream", "median_s_solve"}
+    assert all(stages <= set(r) for r in rows[1:])
     bad = CliRunner().invoke(main, [*args[:-3], "--method-hparams", "rome=x.toml"])
     assert bad.exit_code == 2 and "expected METHOD=FILE" in bad.output
