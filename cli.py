@@ -9,7 +9,6 @@ Every command except ``init`` and ``db upgrade`` opens the store through
 
 from __future__ import annotations
 
-import getpass
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -22,13 +21,13 @@ import click
 from daemon.commands import COMMANDS
 from evaluation.commands import bench
 from storage.audit import event_count, verify_chain
+from storage.checkpoints import all_checkpoints
 from storage.context import StoreContext
 from storage.db import current_revisions
-from storage.errors import InvalidInput, StoreError
+from storage.errors import InvalidInput, UserError
 from storage.models import AuditEvent, Correction, CorrectionStatus
 from storage.queries import (
     CorrectionStory,
-    all_checkpoints,
     correction_history,
     correction_story,
     metrics_by_correction,
@@ -39,6 +38,7 @@ from storage.records import (
     CorrectionInput,
     ParsedFile,
     check_submitter,
+    login_name,
     make_correction,
     parse_corrections_text,
     parse_neighbor_option,
@@ -65,12 +65,12 @@ class OneLineUsageError(click.ClickException):
 
 
 class MetakeGroup(click.Group):
-    """A click group that reports user errors as one line on stderr: store errors exit 1, usage 2."""
+    """A click group that reports user errors as one line on stderr: UserError exits 1, usage 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except StoreError as error:
+        except UserError as error:
             raise click.ClickException(str(error)) from error
         except click.UsageError as error:
             raise OneLineUsageError(error.format_message()) from error
@@ -117,13 +117,6 @@ def _cell(value: Any) -> str:
 
 def _minute(at: datetime | None) -> str:
     return "" if at is None else at.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
-
-
-def _default_submitter() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no login name (e.g. a container user without a passwd entry)
-        return "unknown"
 
 
 @click.group(cls=MetakeGroup)
@@ -215,7 +208,7 @@ def submit(
     Give one correction with --prompt/--subject/--target, or many with --file. A newer pending
     correction for the same subject and prompt supersedes the older pending one.
     """
-    who = check_submitter(submitter if submitter is not None else _default_submitter())
+    who = check_submitter(submitter if submitter is not None else login_name())
     if file is not None:
         single_fields = (prompt, subject, target, original_answer)
         if any(value is not None for value in single_fields) or paraphrases or neighbors:

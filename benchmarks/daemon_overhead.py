@@ -27,7 +27,6 @@ from pathlib import Path
 
 from daemon.demo_facts import DEMO_RECORDS
 from daemon.logs import configure_logging
-from daemon.reverts import request_revert
 from daemon.runner import BatchReport, Daemon
 from daemon.service import run_pass
 from daemon.settings import DaemonSettings, HealthSettings
@@ -36,6 +35,7 @@ from storage.home import DataHome
 from storage.models import Checkpoint
 from storage.queue import submit_many
 from storage.records import correction_from_record
+from storage.reverts import request_revert
 
 OVERHEAD_PHASES = ("claim", "checkpoint", "commit")
 SHOWN_PHASES = (*OVERHEAD_PHASES, "metrics_in_edit")
@@ -102,9 +102,9 @@ def main() -> None:
         started = time.perf_counter()
         reverts = run_pass(daemon).reverts
         revert_pass = time.perf_counter() - started
-    loaded = daemon.ws.loaded
+    loaded = daemon.model.loaded
     print(f"model: {loaded.source} ({loaded.identity[:19]}…) on {loaded.device}, {loaded.dtype}")
-    print(f"method: {daemon.ws.hparams.method}, layers {list(daemon.ws.hparams.layers)}")
+    print(f"method: {daemon.model.hparams.method}, layers {list(daemon.model.hparams.layers)}")
     print(f"load + editor (first time on this home includes conversion and statistics): {first_open:.1f} s\n")
 
     print(f"{'batch':>5}  {'edit s':>8}  {'overhead s':>10}  {'share':>6}  " + "  ".join(SHOWN_PHASES))

@@ -1,8 +1,9 @@
-"""Checkpoint files: the edited weights and the full editor state in one safetensors file.
+"""The checkpoint format: edited weights, the full editor state and a manifest in one safetensors file.
 
-One file per checkpoint means there is never a moment where weights and state disagree. The
-file is written under a temporary name, flushed to disk and renamed, so a crash leaves either
-no new file or a complete one. Its sha256 is recorded in the checkpoint table and checked
+This module is the only one that knows the format (names inside the file, the manifest's
+fields, the file names). One file per checkpoint means there is never a moment where weights and
+state disagree. The file is written atomically (engine.files.atomic_path), so a crash leaves
+either no new file or a complete one. Its sha256 is recorded in the checkpoint table and checked
 before the file is ever used again.
 """
 
@@ -10,10 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from daemon.faults import crash_point
+from engine.files import TEMPORARY_SUFFIX, atomic_path, model_key, read_safetensors
+from engine.hparams import EditHyperParams
 from engine.state import EditorState, StateMismatch
+from storage.serialize import iso
+from storage.types import utcnow
 
 FORMAT = "metake-checkpoint/1"
 SUFFIX = ".safetensors"
 _WEIGHT_PREFIX = "weight/"
-_STATE_PREFIX = "state/"
-_STATE_META_PREFIX = "state."
 _CHUNK = 1 << 22
 
 
@@ -55,6 +56,15 @@ class WrittenFile:
     size_bytes: int
 
 
+@dataclass(frozen=True)
+class NewCheckpoint:
+    """A checkpoint file just written, with what its table row needs; not yet recorded."""
+
+    file: WrittenFile
+    created_at: datetime
+    manifest: dict[str, Any]
+
+
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """A content hash over names, dtypes, shapes and bytes, independent of file layout."""
     digest = hashlib.sha256()
@@ -74,49 +84,83 @@ def file_sha256(path: Path) -> str:
 
 
 def new_name(model_identity: str, created_at: datetime) -> str:
-    """``<model>/<UTC time>-<random>.safetensors``: unique without asking the database first."""
+    """``<model key>/<UTC time>-<random>.safetensors``: unique without asking the database first."""
     stamp = created_at.astimezone(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    return f"{model_folder(model_identity)}/{stamp}-{uuid.uuid4().hex[:8]}{SUFFIX}"
+    return f"{model_key(model_identity)}/{stamp}-{uuid.uuid4().hex[:8]}{SUFFIX}"
 
 
-def model_folder(model_identity: str) -> str:
-    return model_identity.removeprefix("sha256:")[:16]
+@dataclass(frozen=True)
+class Origin:
+    """Where a new checkpoint comes from: its kind (base, edit, revert), its parent, the
+    corrections its batch applied and all the corrections its weights contain."""
+
+    kind: str
+    parent: int | None
+    batch: list[int]
+    applied: list[int]
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _fsync_directory(directory: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model and settings every checkpoint of this process is written with."""
+
+    base_model: str
+    model_source: str
+    hparams: EditHyperParams
+
+
+def manifest(
+    weights: dict[str, torch.Tensor], state: EditorState, origin: Origin, model: ModelInfo, created_at: datetime
+) -> dict[str, Any]:
+    """What a checkpoint says about itself (the table keeps a copy, plus the file's sha256)."""
+    return {
+        "format": FORMAT,
+        "kind": origin.kind,
+        "parent": origin.parent,
+        "base_model": model.base_model,
+        "model_source": model.model_source,
+        "method": model.hparams.method,
+        "hparams": model.hparams.to_dict(),
+        "corrections": origin.batch,
+        "applied_corrections": origin.applied,
+        "steps": state.steps,
+        "edits": state.edits,
+        "weights_sha256": tensors_sha256(weights),
+        "created_at": iso(created_at),
+        **origin.extra,
+    }
+
+
+def write_new(
+    root: Path, weights: dict[str, torch.Tensor], state: EditorState, origin: Origin, model: ModelInfo
+) -> NewCheckpoint:
+    """Write a new checkpoint file under ``root`` (named, with its manifest), not yet recorded."""
+    created_at = utcnow()
+    described = manifest(weights, state, origin, model, created_at)
+    relative = new_name(model.base_model, created_at)
+    written = write_checkpoint(root, relative, CheckpointContents(weights, state, described))
+    return NewCheckpoint(written, created_at, described)
 
 
 def write_checkpoint(root: Path, relative_path: str, contents: CheckpointContents) -> WrittenFile:
-    """Write atomically: temporary file, fsync, rename, fsync of the folder; returns its hash."""
+    """Write atomically (engine.files.atomic_path); returns the file's path, hash and size."""
     path = root / relative_path
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{_WEIGHT_PREFIX}{name}": t.detach().cpu().contiguous() for name, t in contents.weights.items()}
-    tensors |= {f"{_STATE_PREFIX}{name}": t for name, t in contents.state.tensors().items()}
-    metadata = {"format": FORMAT, "manifest": json.dumps(contents.manifest, sort_keys=True)}
-    metadata |= {f"{_STATE_META_PREFIX}{key}": value for key, value in contents.state.metadata().items()}
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
+    state_tensors, state_metadata = contents.state.to_safetensors()
+    metadata = {"format": FORMAT, "manifest": json.dumps(contents.manifest, sort_keys=True)} | state_metadata
+    with atomic_path(path) as tmp:
+        save_file(tensors | state_tensors, tmp, metadata=metadata)
         crash_point("during_checkpoint_write")
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
         sha256 = file_sha256(tmp)
         size = tmp.stat().st_size
-        os.replace(tmp, path)
-        _fsync_directory(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return WrittenFile(relative_path, sha256, size)
+
+
+def delete_files(root: Path, relative_paths: list[str]) -> None:
+    """Delete checkpoint files (pruned ones, or one whose transaction did not commit)."""
+    for relative in relative_paths:
+        (root / relative).unlink(missing_ok=True)
 
 
 def verify_file(path: Path, expected_sha256: str, label: str) -> None:
@@ -135,25 +179,14 @@ def read_checkpoint(path: Path, expected_sha256: str, label: str, device: torch.
     """Read a checkpoint after checking its hash; tensors land on ``device`` bit for bit."""
     verify_file(path, expected_sha256, label)
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            metadata = handle.metadata() or {}
-            names = list(handle.keys())
-            tensors = {name: handle.get_tensor(name) for name in names}
+        metadata, tensors = read_safetensors(path, device)
     except (SafetensorError, OSError) as error:
         raise CheckpointFileError(f"{label}: cannot read {path}: {error}") from error
     if metadata.get("format") != FORMAT:
         raise CheckpointFileError(f"{label}: {path} is not a metake checkpoint (format {metadata.get('format')!r})")
     weights = {name.removeprefix(_WEIGHT_PREFIX): t for name, t in tensors.items() if name.startswith(_WEIGHT_PREFIX)}
-    state_tensors = {
-        name.removeprefix(_STATE_PREFIX): t for name, t in tensors.items() if name.startswith(_STATE_PREFIX)
-    }
-    state_meta = {
-        key.removeprefix(_STATE_META_PREFIX): value
-        for key, value in metadata.items()
-        if key.startswith(_STATE_META_PREFIX)
-    }
     try:
-        state = EditorState.from_parts(state_meta, state_tensors)
+        state = EditorState.from_safetensors(metadata, tensors)
     except (StateMismatch, KeyError, ValueError) as error:
         raise CheckpointFileError(f"{label}: the editor state in {path} cannot be read: {error}") from error
     return CheckpointContents(weights, state, json.loads(metadata["manifest"]))
@@ -182,7 +215,7 @@ def remove_unlisted(folder: Path, keep: set[str], root: Path) -> list[Path]:
     for path in sorted(folder.iterdir()):
         if not path.is_file():
             continue
-        is_temporary = path.name.startswith(".") and path.name.endswith(".tmp")
+        is_temporary = path.name.startswith(".") and path.name.endswith(TEMPORARY_SUFFIX)
         is_checkpoint = path.suffix == SUFFIX and not path.name.startswith(".")
         if (is_temporary or is_checkpoint) and path.relative_to(root).as_posix() not in keep:
             path.unlink()

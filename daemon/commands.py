@@ -9,21 +9,21 @@ commands that load a model, so ``metake submit`` and friends stay quick to start
 from __future__ import annotations
 
 import functools
-import getpass
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from daemon.lease import LeaseLost
 from daemon.logs import LOG_FORMATS, configure_logging
-from daemon.reverts import request_revert
 from daemon.schedule import Every, Wakeups, parse_cron
 from daemon.settings import DEFAULT_MODEL, DTYPES, METHODS, DaemonSettings, HealthSettings, Retention
 from daemon.stopping import Abandon, StopControl
+from storage.checkpoints import check_exportable, choose_checkpoint
 from storage.context import StoreContext
-from storage.records import check_submitter
+from storage.leases import LeaseLost
+from storage.records import check_submitter, login_name
+from storage.reverts import request_revert
 
 if TYPE_CHECKING:
     from daemon.service import PassReport
@@ -176,7 +176,7 @@ def revert(store: StoreContext, checkpoint_id: int, requested_by: str | None) ->
     exactly before its next batch, marks the corrections applied since as reverted (they can be
     submitted again) and records the result as a new checkpoint.
     """
-    who = check_submitter(requested_by if requested_by is not None else _login_name())
+    who = check_submitter(requested_by if requested_by is not None else login_name())
     with store.sessions().begin() as session:
         request = request_revert(session, checkpoint_id, who)
         request_id = request.id
@@ -200,12 +200,7 @@ def export(
 
     The result loads with transformers' AutoModelForCausalLM.from_pretrained(DIR), no metake needed.
     """
-    from daemon.export import (  # loads torch: imported here
-        check_destination,
-        check_exportable,
-        choose_checkpoint,
-        export_checkpoint,
-    )
+    from daemon.export import check_destination, export_checkpoint  # loads torch: imported here
     from daemon.workspace import load_base_model
 
     check_destination(out)
@@ -268,13 +263,6 @@ def demo(
             run_demo(root, settings, logger, stop)
         except Abandon:
             click.echo("demo stopped", err=True)
-
-
-def _login_name() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
 
 
 COMMANDS = (daemon, apply, revert, export, demo)

@@ -13,7 +13,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import click
-from sqlalchemy import select
 
 from daemon.demo_facts import DEMO_RECORDS
 from daemon.runner import Daemon
@@ -21,10 +20,12 @@ from daemon.service import apply_pending
 from daemon.settings import DaemonSettings
 from daemon.stopping import StopControl
 from storage.audit import event_count, verify_chain
+from storage.checkpoints import all_checkpoints
 from storage.context import StoreContext
 from storage.errors import InvalidInput
 from storage.home import DB_FILENAME, DataHome
-from storage.models import Checkpoint, Correction, Metric, Phase
+from storage.models import Phase
+from storage.queries import all_corrections, all_metrics
 from storage.queue import submit_many
 from storage.records import correction_from_record
 
@@ -73,9 +74,9 @@ def run_demo(root: Path, settings: DaemonSettings, logger: logging.Logger, stop:
 def print_results(store: StoreContext) -> None:
     """A table of each correction before and after its edit, the health check, and the audit check."""
     with store.sessions().begin() as session:
-        corrections = list(session.scalars(select(Correction).order_by(Correction.id)))
-        metrics = list(session.scalars(select(Metric).order_by(Metric.id)))
-        checkpoints = list(session.scalars(select(Checkpoint).order_by(Checkpoint.id)))
+        corrections = all_corrections(session)
+        metrics = all_metrics(session)
+        checkpoints = all_checkpoints(session)
         broken = verify_chain(session)
         events = event_count(session)
     values: dict[int | None, dict[tuple[str, Phase], float]] = defaultdict(dict)

@@ -9,20 +9,15 @@ leaves nothing behind.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from daemon.checkpoint_files import CheckpointFileError, read_weights
-from daemon.lineage import head_checkpoint
+from engine.files import atomic_directory
 from engine.models import LoadedModel
-from storage.errors import InvalidInput, NotFound
+from storage.errors import InvalidInput
 from storage.home import DataHome
 from storage.models import Checkpoint
 
@@ -40,39 +35,6 @@ def check_destination(out: Path) -> None:
     """Refuse a destination that exists and is not an empty directory (nothing is overwritten)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidInput(f"--out {out} already exists and is not an empty directory")
-
-
-def check_exportable(session: Session, checkpoint_id: int | None) -> None:
-    """What can be checked before the (slow) model load: the checkpoint exists and is kept."""
-    if checkpoint_id is None:
-        if session.scalars(select(Checkpoint.id).limit(1)).first() is None:
-            raise NotFound("there are no checkpoints yet; run `metake apply` or `metake daemon` first")
-        return
-    checkpoint = session.get(Checkpoint, checkpoint_id)
-    if checkpoint is None:
-        raise NotFound(f"no checkpoint with id {checkpoint_id}")
-    if checkpoint.pruned:
-        raise InvalidInput(f"checkpoint {checkpoint_id} was pruned by the retention setting; its file is gone")
-
-
-def choose_checkpoint(session: Session, checkpoint_id: int | None, model_identity: str) -> Checkpoint:
-    """The named checkpoint (checked to belong to the model and be kept), or the model's current one."""
-    if checkpoint_id is None:
-        checkpoint = head_checkpoint(session, model_identity)
-        if checkpoint is None:
-            raise NotFound("this model has no checkpoints yet; run `metake apply` or `metake daemon` first")
-        return checkpoint
-    checkpoint = session.get(Checkpoint, checkpoint_id)
-    if checkpoint is None:
-        raise NotFound(f"no checkpoint with id {checkpoint_id}")
-    if checkpoint.base_model != model_identity:
-        raise InvalidInput(
-            f"checkpoint {checkpoint_id} was made from base model {checkpoint.base_model[:23]}…, "
-            f"not {model_identity[:23]}…; pass the same --model it was made with"
-        )
-    if checkpoint.pruned:
-        raise InvalidInput(f"checkpoint {checkpoint_id} was pruned by the retention setting; its file is gone")
-    return checkpoint
 
 
 def export_checkpoint(home: DataHome, checkpoint: Checkpoint, loaded: LoadedModel, out: Path) -> Exported:
@@ -94,9 +56,7 @@ def export_checkpoint(home: DataHome, checkpoint: Checkpoint, loaded: LoadedMode
                     f"the model's has {list(parameter.shape)}"
                 )
             parameter.copy_(tensor)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_directory(out) as tmp:  # ``out`` is absent or empty (checked above)
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         note = {
@@ -107,10 +67,4 @@ def export_checkpoint(home: DataHome, checkpoint: Checkpoint, loaded: LoadedMode
             "manifest": checkpoint.manifest,
         }
         (tmp / EXPORT_NOTE).write_text(json.dumps(note, indent=2, ensure_ascii=False))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return Exported(checkpoint.id, out, sorted(weights))

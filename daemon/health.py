@@ -1,79 +1,148 @@
-"""The fixed text sample of the drift check: a user's file, or text the unedited model wrote once.
+"""Lifelong health checks: do earlier corrections still hold, and has the model drifted?
 
-Edits are meant to change a few facts and nothing else. Over months of batches, small side
-effects add up, so every N batches the daemon compares the perplexity of a fixed sample under
-the current weights with the unedited model's (evaluation.metrics.perplexity measures it). The
-sample is a user-given text file, or text the unedited model generated once and the data home
-keeps, so it never depends on outside data.
+Every N batches the daemon re-tests a seeded sample of corrections applied before (retention)
+and measures perplexity on the fixed drift sample (daemon.drift_sample), next to the unedited
+model's perplexity on the same text. The unedited figure is measured once per process by
+swapping the base weights of the edited layers in and back out (bit for bit). A failed check is
+logged and never stops the daemon: the batch before it is committed already.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
-from pathlib import Path
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-SAMPLE_FILE = "drift-sample.json"
-SAMPLE_STARTS = ("The", "In", "A", "It", "He", "She", "This", "There")
-SAMPLE_TOKENS = 48
-MAX_TEXTS = 32
-MAX_TEXT_CHARS = 2000
+from daemon.drift_sample import sample_sha256
+from daemon.held import HeldModel
+from daemon.logs import Timer
+from daemon.workspace import EditableModel, edit_request
+from engine.scoring import fact_scores
+from evaluation.metrics import perplexity
+from storage.audit import AuditKind, append_event
+from storage.edits import MetricValue, add_metrics
+from storage.leases import LeaseLost
+from storage.models import Correction, Phase
+from storage.queries import sample_applied
 
 
-def load_text_sample(path: Path) -> list[str]:
-    """Paragraphs of a user-given UTF-8 text file (blank-line separated), at most 32 of them."""
-    paragraphs = [" ".join(block.split()) for block in path.read_text(encoding="utf-8").split("\n\n")]
-    texts = [p[:MAX_TEXT_CHARS] for p in paragraphs if p][:MAX_TEXTS]
-    if not texts:
-        raise ValueError(f"{path} holds no text")
-    return texts
+@dataclass
+class Findings:
+    """What one health check found, ready to be stored and logged."""
+
+    metrics: list[MetricValue] = field(default_factory=list)
+    tested: int = 0
+    retention: float | None = None
+    """Share of the re-tested corrections that still hold (None when none were tested)."""
+    forgotten: list[int] = field(default_factory=list)
+    drift: dict[str, float] = field(default_factory=dict)
 
 
-@torch.no_grad()
-def generate_sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> list[str]:
-    """Short texts sampled (seeded) from the model: one per opening word in SAMPLE_STARTS."""
-    device = next(model.parameters()).device
-    encoded = tokenizer(list(SAMPLE_STARTS), return_tensors="pt", padding=True, padding_side="left").to(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = model.generate(
-            **encoded,
-            do_sample=True,
-            top_k=40,
-            max_new_tokens=SAMPLE_TOKENS,
-            min_new_tokens=SAMPLE_TOKENS,
-            pad_token_id=tokenizer.pad_token_id,
+def facts_hold(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, corrections: list[Correction]
+) -> dict[int, tuple[float, bool]]:
+    """Per correction: P(target | prompt) and whether the corrected fact holds (its prompt only)."""
+    requests = [dataclasses.replace(edit_request(c), paraphrases=(), neighbors=()) for c in corrections]
+    scores = fact_scores(model, tokenizer, requests)
+    return {c.id: (s.target_prob, s.holds) for c, s in zip(corrections, scores, strict=True)}
+
+
+class HealthCheck:
+    """Measures retention and drift on the live model."""
+
+    def __init__(self, model: EditableModel) -> None:
+        self.model = model
+        self._base_perplexity: float | None = None
+
+    def measure(self, earlier: list[Correction]) -> Findings:
+        loaded = self.model.loaded
+        findings = Findings()
+        held = facts_hold(loaded.model, loaded.tokenizer, earlier)
+        for correction_id, (target_prob, holds) in held.items():
+            findings.metrics.append(MetricValue(correction_id, "health.target_prob", Phase.POST, target_prob))
+            findings.metrics.append(MetricValue(correction_id, "health.holds", Phase.POST, float(holds)))
+        findings.tested = len(held)
+        findings.forgotten = [i for i, (_, holds) in held.items() if not holds]
+        if held:
+            findings.retention = 1 - len(findings.forgotten) / len(held)
+            findings.metrics.append(MetricValue(None, "health.retention", Phase.POST, findings.retention))
+        texts = self.model.drift_texts
+        if texts:
+            now = perplexity(loaded.model, loaded.tokenizer, texts)
+            base = self.base_perplexity()
+            findings.drift = {"perplexity": now, "base_perplexity": base, "perplexity_ratio": now / base}
+            findings.metrics += [
+                MetricValue(None, "health.perplexity", Phase.PRE, base),
+                MetricValue(None, "health.perplexity", Phase.POST, now),
+                MetricValue(None, "health.perplexity_ratio", Phase.POST, now / base),
+            ]
+        return findings
+
+    def base_perplexity(self) -> float:
+        """The unedited model's perplexity on the drift sample (measured once per process)."""
+        if self._base_perplexity is None:
+            editor, loaded = self.model.editor, self.model.loaded
+            live = editor.edited_weights()
+            try:
+                editor.load_weights(self.model.base_weights)
+                self._base_perplexity = perplexity(loaded.model, loaded.tokenizer, self.model.drift_texts)
+            finally:
+                editor.load_weights(live)
+        return self._base_perplexity
+
+
+class HealthChecks:
+    """Runs a health check after every N-th batch of the held model and records what it found."""
+
+    def __init__(self, held: HeldModel) -> None:
+        self.held = held
+        self._check: HealthCheck | None = None
+
+    def after_batch(self, edit_id: int | None, applied: list[int], seconds: dict[str, float]) -> None:
+        """Check now if this batch's step is due (timed as ``health``); a failure is logged, not raised."""
+        every = self.held.settings.health.every
+        assert self.held.state is not None
+        if not every or edit_id is None or self.held.state.steps % every:
+            return
+        try:
+            with Timer(seconds).phase("health"):
+                self._run(edit_id, applied)
+        except LeaseLost:
+            raise
+        except Exception as error:  # noqa: BLE001 - the batch is committed; a failed check must not stop the daemon
+            self.held.log.exception("health_check_failed", extra={"metake_fields": {"edit": edit_id}})
+            self.held.event(logging.ERROR, "health_check_failed", edit=edit_id, error=str(error))
+
+    def _run(self, edit_id: int, applied: list[int]) -> None:
+        """Re-test earlier corrections and measure drift; store both, warn if retention is low."""
+        held = self.held
+        started = time.perf_counter()
+        if self._check is None:
+            self._check = HealthCheck(held.model)
+        with held.sessions() as session:
+            earlier = sample_applied(session, applied, held.settings.health.sample_size, seed=edit_id)
+        findings = self._check.measure(earlier)
+        with held.lease.transaction() as session:
+            add_metrics(session, edit_id, findings.metrics)
+            payload = {"retention": findings.retention, "tested": findings.tested, **findings.drift}
+            payload["sample"] = sample_sha256(held.model.drift_texts)
+            append_event(session, AuditKind.HEALTH_CHECKED, actor=held.actor, edit_id=edit_id, payload=payload)
+        level = logging.INFO
+        threshold = held.settings.health.retention_warning
+        if findings.retention is not None and findings.retention < threshold:
+            level = logging.WARNING
+            held.event(
+                level, "retention_low", retention=findings.retention, threshold=threshold, forgotten=findings.forgotten
+            )
+        held.event(
+            level,
+            "health_checked",
+            edit=edit_id,
+            retention=findings.retention,
+            tested=findings.tested,
+            seconds=time.perf_counter() - started,
+            **findings.drift,
         )
-    return [" ".join(text.split()) for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
-
-
-def stored_sample(
-    folder: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_identity: str
-) -> list[str]:
-    """The generated sample kept in ``folder``; generated (by the model as it is now) on first use.
-
-    Call it while the model is still unedited: the sample must come from the base model.
-    """
-    path = folder / SAMPLE_FILE
-    if path.is_file():
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        if stored.get("model") == model_identity and stored.get("texts"):
-            return list(stored["texts"])
-    texts = generate_sample(model, tokenizer)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{SAMPLE_FILE}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump({"model": model_identity, "texts": texts}, handle, ensure_ascii=False, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return texts
-
-
-def sample_sha256(texts: list[str]) -> str:
-    return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()

@@ -1,163 +1,28 @@
-"""One writer per model: a lease row in the database, renewed by a heartbeat, taken over on expiry.
+"""The daemon's hold on a model's lease: take it, renew it in the background, check it in every write.
 
-A daemon edits a model only while it holds that model's lease. The lease expires unless renewed,
-so a daemon that died (kill -9, power loss) is replaced once its lease runs out; one that died on
-this same host is replaced at once, since its process id is visibly gone. Every new holder bumps
-the lease's generation, and each batch is committed only if the generation is still the one the
-daemon acquired, so a daemon that stalled past its lease can never record a batch.
+A daemon edits a model only while it holds that model's lease (the rows and their rules are
+storage.leases'). A heartbeat thread renews it while the main thread edits; every transaction
+that records the daemon's work confirms it first, so a daemon that stalled past its lease can
+never record anything.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import secrets
-import socket
 import threading
-from dataclasses import dataclass
-from datetime import datetime, timedelta
-
-from sqlalchemy import exc
-from sqlalchemy.orm import Session, sessionmaker
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from daemon.logs import log_event
-from storage.audit import AuditKind, append_event
-from storage.errors import StoreError
-from storage.models import DaemonLease
-from storage.types import utcnow
-
-HOST_CHARS = 60
-
-
-class LeaseHeld(StoreError):
-    """Another live daemon holds the model's lease; the message says who and until when."""
-
-
-class LeaseLost(RuntimeError):
-    """This daemon's lease was taken over (it stalled past its expiry); it must stop writing."""
-
-
-def worker_name() -> str:
-    """``daemon@<host>:<pid>:<random>``: who holds leases and claims, as recorded in the store."""
-    host = socket.gethostname()[:HOST_CHARS]
-    return f"daemon@{host}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-def holder_is_gone(holder: str) -> bool:
-    """True when ``holder`` names a process on this host that no longer exists."""
-    try:
-        host_pid = holder.split("@", 1)[1]
-        host, pid_text, _nonce = host_pid.rsplit(":", 2)
-        pid = int(pid_text)
-    except (IndexError, ValueError):
-        return False
-    if host != socket.gethostname()[:HOST_CHARS] or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # exists but belongs to someone else
-        return False
-    return False
-
-
-@dataclass(frozen=True)
-class Lease:
-    """A lease this process holds: the model, our name, and the generation we acquired."""
-
-    model: str
-    holder: str
-    generation: int
-    seconds: float
-
-
-def _describe(row: DaemonLease, now: datetime) -> str:
-    left = (row.expires_at - now).total_seconds()
-    renewed = (now - row.renewed_at).total_seconds()
-    return f"{row.holder} (renewed {renewed:.0f} s ago, expires in {left:.0f} s)"
-
-
-def live_holder(session: Session, model: str, me: str) -> str | None:
-    """Who else holds ``model``'s lease right now, described for people; None if it is free to take."""
-    row = session.get(DaemonLease, model, populate_existing=True)
-    now = utcnow()
-    if row is None or row.holder == me or row.expires_at <= now or holder_is_gone(row.holder):
-        return None
-    return _describe(row, now)
-
-
-def acquire(session: Session, model: str, holder: str, seconds: float) -> Lease:
-    """Take the lease in the caller's transaction, or raise LeaseHeld naming the live holder."""
-    now = utcnow()
-    expires = now + timedelta(seconds=seconds)
-    row = session.get(DaemonLease, model, with_for_update=True, populate_existing=True)
-    previous: str | None = None
-    reason = "first"
-    if row is None:
-        row = DaemonLease(model=model, holder=holder, generation=1, acquired_at=now, renewed_at=now, expires_at=expires)
-        session.add(row)
-    else:
-        alive = row.expires_at > now and not holder_is_gone(row.holder)
-        if alive and row.holder != holder:
-            raise LeaseHeld(f"model {model[:23]}… is being edited by {_describe(row, now)}")
-        previous = row.holder
-        reason = "expired" if row.expires_at <= now else "holder process gone" if row.holder != holder else "renewed"
-        row.holder = holder
-        row.generation += 1
-        row.acquired_at = now
-        row.renewed_at = now
-        row.expires_at = expires
-    session.flush()
-    append_event(
-        session,
-        AuditKind.LEASE_ACQUIRED,
-        actor=holder[:100],
-        payload={"model": model, "generation": row.generation, "previous_holder": previous, "reason": reason},
-    )
-    return Lease(model, holder, row.generation, seconds)
-
-
-def confirm(session: Session, lease: Lease) -> None:
-    """Lock the lease row and check it is still ours, extending it; raise LeaseLost if not.
-
-    Called inside every transaction that records the daemon's work, so the check and the writes
-    commit together.
-    """
-    row = session.get(DaemonLease, lease.model, with_for_update=True, populate_existing=True)
-    if row is None or row.holder != lease.holder or row.generation != lease.generation:
-        who = "nobody" if row is None else f"{row.holder} (generation {row.generation})"
-        raise LeaseLost(f"the lease on model {lease.model[:23]}… now belongs to {who}")
-    now = utcnow()
-    row.renewed_at = now
-    row.expires_at = now + timedelta(seconds=lease.seconds)
-    session.flush()
-
-
-def release(session: Session, lease: Lease) -> None:
-    """Let the lease expire now, so a successor need not wait; does nothing if it is not ours."""
-    row = session.get(DaemonLease, lease.model, with_for_update=True, populate_existing=True)
-    if row is not None and row.holder == lease.holder and row.generation == lease.generation:
-        row.expires_at = utcnow()
-        session.flush()
-
-
-def try_acquire(sessions: sessionmaker[Session], model: str, holder: str, seconds: float) -> Lease:
-    """acquire() in its own transaction, retrying once if another daemon inserted the row first."""
-    for attempt in range(2):
-        try:
-            with sessions.begin() as session:
-                return acquire(session, model, holder, seconds)
-        except exc.IntegrityError:
-            if attempt:
-                raise
-    raise AssertionError("unreachable")
+from storage.db import Session, Sessions
+from storage.errors import UserError
+from storage.leases import Lease, LeaseHeld, LeaseLost, confirm, live_holder, release, renew, try_acquire
 
 
 class Heartbeat:
     """Renews the lease from a background thread while the main thread edits the model."""
 
-    def __init__(self, sessions: sessionmaker[Session], lease: Lease, logger: logging.Logger) -> None:
+    def __init__(self, sessions: Sessions, lease: Lease, logger: logging.Logger) -> None:
         self._sessions = sessions
         self._lease = lease
         self._logger = logger
@@ -177,11 +42,67 @@ class Heartbeat:
         interval = self._lease.seconds / 3
         while not self._stop.wait(interval):
             try:
-                with self._sessions.begin() as session:
-                    confirm(session, self._lease)
+                renew(self._sessions, self._lease)
             except LeaseLost as error:
                 log_event(self._logger, logging.ERROR, "lease_lost", reason=str(error))
                 self.lost.set()
                 return
-            except (exc.SQLAlchemyError, StoreError) as error:  # keep trying; the lease may still hold
+            except UserError as error:  # keep trying; the lease may still hold
                 log_event(self._logger, logging.WARNING, "lease_renewal_failed", error=str(error).splitlines()[0])
+
+
+class LeaseGuard:
+    """One process's lease on one model: acquired, renewed, confirmed in each transaction, released."""
+
+    def __init__(self, sessions: Sessions, model: str, worker: str, seconds: float, logger: logging.Logger) -> None:
+        self.sessions = sessions
+        self.model = model
+        self.worker = worker
+        self.seconds = seconds
+        self.log = logger
+        self.lease: Lease | None = None
+        self.heartbeat: Heartbeat | None = None
+
+    def holder(self) -> str | None:
+        """Who else holds the lease now, described for people; None when it is free to take."""
+        with self.sessions() as session:
+            return live_holder(session, self.model, self.worker)
+
+    def check_free(self) -> None:
+        """Raise LeaseHeld now if a live daemon holds the model, before slow work is started."""
+        holder = self.holder()
+        if holder is not None:
+            raise LeaseHeld(f"model {self.model[:23]}… is being edited by {holder}; stop that daemon or wait")
+
+    def acquire(self) -> None:
+        """Take the lease (LeaseHeld if a live daemon has it) and start renewing it."""
+        self.lease = try_acquire(self.sessions, self.model, self.worker, self.seconds)
+        self.heartbeat = Heartbeat(self.sessions, self.lease, self.log).__enter__()
+        log_event(self.log, logging.INFO, "lease_acquired", worker=self.worker, generation=self.lease.generation)
+
+    def release(self) -> None:
+        """Stop renewing and let the lease expire now, so a successor can start at once."""
+        if self.heartbeat is not None:
+            self.heartbeat.__exit__(None, None, None)
+            self.heartbeat = None
+        if self.lease is not None:
+            try:
+                with self.sessions.begin() as session:
+                    release(session, self.lease)
+            except Exception as error:  # noqa: BLE001 - the lease will expire by itself anyway
+                log_event(self.log, logging.WARNING, "lease_release_failed", error=str(error).splitlines()[0])
+            self.lease = None
+
+    def check_heartbeat(self) -> None:
+        """Raise LeaseLost if the heartbeat found the lease taken over since the last look."""
+        if self.heartbeat is not None and self.heartbeat.lost.is_set():
+            raise LeaseLost("the lease heartbeat found the lease taken over")
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A transaction that first checks the lease is still ours (and extends it)."""
+        assert self.lease is not None
+        with self.sessions.begin() as session:
+            self.check_heartbeat()
+            confirm(session, self.lease)
+            yield session

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -113,3 +114,18 @@ def progress_safe_logging(logger: logging.Logger, bar_shown: bool) -> Iterator[N
         return
     with logging_redirect_tqdm(loggers=[logger]):
         yield
+
+
+class Timer:
+    """Adds the seconds spent in named phases to a dict."""
+
+    def __init__(self, into: dict[str, float]) -> None:
+        self.into = into
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.into[name] = self.into.get(name, 0.0) + time.perf_counter() - start

@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from daemon.lease import LeaseHeld, LeaseLost, live_holder
+from daemon.batches import BatchReport
 from daemon.logs import log_event, progress_safe_logging
-from daemon.runner import BatchReport, Daemon, RevertReport
+from daemon.reverting import RevertReport
+from daemon.runner import Daemon
 from daemon.schedule import Wakeups
-from storage.errors import StoreError
+from storage.errors import UserError
+from storage.leases import LeaseHeld, LeaseLost
 from storage.serialize import iso
 from storage.types import utcnow
 
@@ -101,9 +103,8 @@ def _wait_for_lease(daemon: Daemon) -> bool:
     last_logged = -STANDBY_LOG_EVERY_S
     while not daemon.stop.requested:
         try:
-            with daemon.sessions() as session:
-                holder = live_holder(session, daemon.model, daemon.worker)
-        except StoreError as error:
+            holder = daemon.lease_holder()
+        except UserError as error:
             holder = f"unknown ({error})"
         if holder is None:
             return True

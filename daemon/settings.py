@@ -10,29 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.methods import METHODS
+from storage.checkpoints import Retention
 from storage.errors import InvalidInput
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MODEL = "default"
 """engine.models.DEFAULT_MODEL, repeated so that reading settings does not import torch (a test checks)."""
 
-
-@dataclass(frozen=True)
-class Retention:
-    """Which checkpoint files to keep: the newest ``keep_last`` and every ``keep_every``-th one.
-
-    The first checkpoint (the unedited model) is always kept, as is any checkpoint a pending
-    revert request names. ``keep_every = 0`` keeps no extra ones.
-    """
-
-    keep_last: int = 5
-    keep_every: int = 10
-
-    def __post_init__(self) -> None:
-        if self.keep_last < 1:
-            raise InvalidInput(f"--keep-last must be at least 1 (the current checkpoint), got {self.keep_last}")
-        if self.keep_every < 0:
-            raise InvalidInput(f"--keep-every must be 0 (off) or more, got {self.keep_every}")
+__all__ = ["DEFAULT_MODEL", "DTYPES", "METHODS", "DaemonSettings", "HealthSettings", "Retention"]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The model the daemon owns: loaded once per process, with its editor and the unedited weights.
+"""The model the daemon edits (EditableModel): loaded once per process, with its editor and the unedited weights.
 
 Loading is the slow part of start-up (statistics are computed the first time, minutes on a CPU),
 so it happens once; restoring a checkpoint afterwards only copies the edited layers in. A copy of
@@ -12,17 +12,22 @@ from pathlib import Path
 
 import torch
 
-from daemon.health import load_text_sample, stored_sample
+from daemon.drift_sample import load_text_sample, stored_sample
 from daemon.settings import DaemonSettings
 from engine.editor import Editor
+from engine.files import model_key
 from engine.hparams import EditHyperParams
 from engine.models import LoadedModel, ModelLoadError, load_model
+from engine.requests import EditRequest
 from storage.errors import InvalidInput
 from storage.home import DataHome
+from storage.models import Correction
 
 
 @dataclass
-class Workspace:
+class EditableModel:
+    """The loaded model, its editor, a copy of its unedited layers and the drift check's text."""
+
     loaded: LoadedModel
     editor: Editor
     base_weights: dict[str, torch.Tensor]
@@ -58,7 +63,7 @@ def load_base_model(settings: DaemonSettings, home: DataHome) -> LoadedModel:
     A hyperparameter file's ``[architecture]`` templates reach the loader, so that a model type
     outside the built-in table loads once its module names are given there."""
     check_device(settings.device)
-    architecture = _read_hparams(settings.hparams_file).architecture if settings.hparams_file else None
+    architecture = read_hparams(settings.hparams_file).architecture if settings.hparams_file else None
     try:
         return load_model(
             settings.model,
@@ -73,22 +78,25 @@ def load_base_model(settings: DaemonSettings, home: DataHome) -> LoadedModel:
         raise InvalidInput(f"cannot load the model on device {settings.device!r}: {error}") from error
 
 
-def _read_hparams(path: Path) -> EditHyperParams:
+def read_hparams(path: Path) -> EditHyperParams:
+    """A hyperparameter TOML file; a bad one becomes InvalidInput naming the file."""
     try:
         return EditHyperParams.from_file(path)
     except (ValueError, TypeError, OSError) as error:
         raise InvalidInput(f"{path}: {error}") from error
 
 
-def resolve_hparams(settings: DaemonSettings, loaded: LoadedModel) -> EditHyperParams:
-    """The hyperparameter file if given, else the engine's defaults; ``--method`` overrides."""
-    if settings.hparams_file is not None:
-        hparams = _read_hparams(settings.hparams_file)
+def hparams_for(loaded: LoadedModel, hparams_file: Path | None = None, method: str | None = None) -> EditHyperParams:
+    """The hyperparameters to edit ``loaded`` with: the file if given, else the engine's defaults
+    for its family; ``method`` overrides the file's. Bad ones become InvalidInput. The one
+    resolution of hyperparameters, for the daemon and for the bench."""
+    if hparams_file is not None:
+        hparams = read_hparams(hparams_file)
     else:
         hparams = EditHyperParams.defaults_for(loaded.model_type)
-    if settings.method is not None:
+    if method is not None:
         try:
-            hparams = hparams.with_changes(method=settings.method)
+            hparams = hparams.with_changes(method=method)
         except ValueError as error:
             raise InvalidInput(str(error)) from error
     if hparams.last_layer >= loaded.n_layers:
@@ -96,7 +104,12 @@ def resolve_hparams(settings: DaemonSettings, loaded: LoadedModel) -> EditHyperP
     return hparams
 
 
-def open_workspace(settings: DaemonSettings, home: DataHome, loaded: LoadedModel) -> Workspace:
+def resolve_hparams(settings: DaemonSettings, loaded: LoadedModel) -> EditHyperParams:
+    """The daemon's hyperparameters: ``--hparams`` if given, else the defaults; ``--method`` overrides."""
+    return hparams_for(loaded, settings.hparams_file, settings.method)
+
+
+def open_model(settings: DaemonSettings, home: DataHome, loaded: LoadedModel) -> EditableModel:
     """Build the editor (statistics from the home's cache) and keep what is needed of the base model."""
     hparams = resolve_hparams(settings, loaded)
     try:
@@ -112,6 +125,19 @@ def open_workspace(settings: DaemonSettings, home: DataHome, loaded: LoadedModel
             except (OSError, UnicodeDecodeError, ValueError) as error:
                 raise InvalidInput(f"--drift-text: {error}") from error
         else:
-            folder = home.stats_dir / loaded.identity.removeprefix("sha256:")[:16]
+            folder = home.stats_dir / model_key(loaded.identity)
             drift_texts = stored_sample(folder, loaded.model, loaded.tokenizer, loaded.identity)
-    return Workspace(loaded, editor, base_weights, drift_texts)
+    return EditableModel(loaded, editor, base_weights, drift_texts)
+
+
+def edit_request(correction: Correction) -> EditRequest:
+    """The engine's request for a correction, keyed by the correction id."""
+    return EditRequest(
+        prompt=correction.prompt,
+        subject=correction.subject,
+        target=correction.target,
+        original=correction.original_answer,
+        paraphrases=tuple(correction.paraphrases),
+        neighbors=tuple((n["prompt"], n["answer"]) for n in correction.neighbors),
+        key=str(correction.id),
+    )

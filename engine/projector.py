@@ -8,8 +8,6 @@ disturb what the model already knows.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from engine.files import atomic_path
 from engine.stats import KeyStatistics
 
 
@@ -58,9 +57,6 @@ def projector_for(stats: KeyStatistics, threshold: float, cache_dir: Path | None
             matrix = handle.get_tensor("matrix")
         return Projector(stats.layer, matrix, int(meta["kept"]), float(meta["threshold"]), meta["c0_sha256"])
     projector = null_space_projector(stats, threshold, relative)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
     meta = {
         "layer": str(stats.layer),
         "kept": str(projector.kept),
@@ -70,6 +66,6 @@ def projector_for(stats: KeyStatistics, threshold: float, cache_dir: Path | None
         "module": str(stats.provenance.get("module", "")),
         "model": str(stats.provenance.get("model", "")),
     }
-    save_file({"matrix": projector.matrix.contiguous()}, tmp, metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"matrix": projector.matrix.contiguous()}, tmp, metadata=meta)
     return projector

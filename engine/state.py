@@ -9,18 +9,19 @@ passed into an edit and returned new from it, saved and loaded bitwise with safe
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+from engine.files import atomic_path, read_safetensors
 
 FORMAT_VERSION = "2"
 _READABLE_FORMATS = ("1", FORMAT_VERSION)
 """Format 1 had no ``settings``: such states are checked on everything but those."""
+TENSOR_PREFIX = "state/"
+METADATA_PREFIX = "state."
 
 
 class StateMismatch(ValueError):  # noqa: N818 - reads as "the state does not match"
@@ -106,20 +107,27 @@ class EditorState:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"constraint.{layer}": self.constraints[layer].detach().cpu().contiguous() for layer in self.layers}
 
+    def to_safetensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The state's one on-disk form: safetensors tensors and metadata under names of its own
+        (``state/...``, ``state....``), so that a file can hold other things beside it (a
+        checkpoint holds the edited weights and its manifest)."""
+        tensors = {f"{TENSOR_PREFIX}{name}": tensor for name, tensor in self.tensors().items()}
+        metadata = {f"{METADATA_PREFIX}{key}": value for key, value in self.metadata().items()}
+        return tensors, metadata
+
+    @classmethod
+    def from_safetensors(cls, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> EditorState:
+        """The state among a file's metadata and tensors (anything else in the file is ignored)."""
+        return cls.from_parts(
+            {key.removeprefix(METADATA_PREFIX): v for key, v in metadata.items() if key.startswith(METADATA_PREFIX)},
+            {name.removeprefix(TENSOR_PREFIX): t for name, t in tensors.items() if name.startswith(TENSOR_PREFIX)},
+        )
+
     def save(self, path: str | Path) -> None:
-        """Write atomically: a temporary file, flushed, then renamed over ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.close(fd)
-        try:
-            save_file(self.tensors(), tmp, metadata=self.metadata())
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        """Write the state alone to a safetensors file, atomically."""
+        tensors, metadata = self.to_safetensors()
+        with atomic_path(Path(path)) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
 
     @classmethod
     def from_parts(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> EditorState:
@@ -140,10 +148,7 @@ class EditorState:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> EditorState:
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            meta = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-        return cls.from_parts(meta, tensors)
+        return cls.from_safetensors(*read_safetensors(Path(path), device))
 
     def check_compatible(
         self,

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from engine.architecture import get_module
+from engine.files import atomic_path, model_key
 from engine.hooks import capture_inputs, forward_hooks, run_until_stopped
 from engine.hparams import StatsParams
 from engine.models import LoadedModel, seeded
@@ -72,7 +71,7 @@ def _source_label(source: str) -> tuple[str, list[Path]]:
 
 
 def cache_path(cache_dir: Path, loaded: LoadedModel, layer: int, label: str, params: StatsParams) -> Path:
-    model = loaded.identity.removeprefix("sha256:")[:16]
+    model = model_key(loaded.identity)
     tag = hashlib.sha256(f"{label}|{params.n_tokens}|{params.seq_len}|{params.seed}".encode()).hexdigest()[:12]
     return cache_dir / model / f"c0-{loaded.spec.mlp_out_of(layer)}-{tag}.safetensors"
 
@@ -87,12 +86,9 @@ def load_statistics(path: Path) -> KeyStatistics:
 
 def save_statistics(path: Path, stats: KeyStatistics) -> None:
     """Write atomically (temporary name, then rename) so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
     meta = {"layer": str(stats.layer), "count": str(stats.count), "provenance": json.dumps(stats.provenance)}
-    save_file({"total": stats.total.cpu().contiguous()}, tmp, metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"total": stats.total.cpu().contiguous()}, tmp, metadata=meta)
     path.with_suffix(".json").write_text(json.dumps({**stats.provenance, "sha256": stats.sha256}, indent=2))
 
 

@@ -24,6 +24,9 @@ from sqlalchemy.orm import Session, sessionmaker
 import migrations
 from storage.errors import DatabaseUnreachable, SchemaNotCurrent
 
+Sessions = sessionmaker[Session]
+"""The session factory the store hands out (``StoreContext.sessions()``)."""
+
 SQLITE_BUSY_TIMEOUT_S = 30.0
 PG_CONNECT_TIMEOUT_S = 10
 UPGRADE_HINT = "run `metake db upgrade`"

@@ -1,7 +1,8 @@
-"""Read-only questions the CLI (and later the daemon's reports) ask of the store."""
+"""Read-only questions the CLI, the demo and the health checks ask of the store."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
@@ -10,7 +11,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from storage.errors import NotFound
-from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus, Edit, Metric
+from storage.models import AuditEvent, Correction, CorrectionStatus, Edit, Metric
 from storage.queue import CLAIM_ORDER
 
 
@@ -95,5 +96,21 @@ def metrics_by_correction(session: Session, correction_ids: Collection[int]) -> 
     return found
 
 
-def all_checkpoints(session: Session) -> list[Checkpoint]:
-    return list(session.scalars(select(Checkpoint).order_by(Checkpoint.id)))
+def sample_applied(session: Session, exclude: list[int], size: int, seed: int) -> list[Correction]:
+    """Up to ``size`` applied corrections not in ``exclude``, chosen reproducibly from ``seed``."""
+    query = select(Correction.id).where(Correction.status == CorrectionStatus.APPLIED)
+    if exclude:
+        query = query.where(Correction.id.not_in(exclude))
+    ids = sorted(session.scalars(query))
+    chosen = sorted(random.Random(seed).sample(ids, min(len(ids), size)))
+    if not chosen:
+        return []
+    return list(session.scalars(select(Correction).where(Correction.id.in_(chosen)).order_by(Correction.id)))
+
+
+def all_corrections(session: Session) -> list[Correction]:
+    return list(session.scalars(select(Correction).order_by(Correction.id)))
+
+
+def all_metrics(session: Session) -> list[Metric]:
+    return list(session.scalars(select(Metric).order_by(Metric.id)))

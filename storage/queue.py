@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from storage.audit import AuditKind, append_event
 from storage.errors import InvalidTransition
-from storage.models import Correction, CorrectionStatus
+from storage.models import Correction, CorrectionStatus, DaemonLease
 from storage.records import CorrectionInput
 from storage.types import utcnow
 
@@ -134,6 +134,42 @@ def release_claimed(session: Session, worker: str | None, *, actor: str, reason:
         append_event(session, AuditKind.RELEASED, actor=actor, correction_id=correction.id, payload=payload)
     session.flush()
     return [correction.id for correction in released]
+
+
+def release_stale_claims(session: Session, me: str, reason: str) -> list[int]:
+    """Return to pending every correction claimed by a worker that holds no live lease.
+
+    A claim outlives its worker only when the worker died between claiming and recording, so
+    its corrections were never applied; the caller holds the lease, so no one else is applying.
+    """
+    now = utcnow()
+    live = set(session.scalars(select(DaemonLease.holder).where(DaemonLease.expires_at > now)))
+    applying = session.scalars(
+        select(Correction)
+        .where(Correction.status == CorrectionStatus.APPLYING)
+        .order_by(Correction.id)
+        .with_for_update()
+    ).all()
+    others = live - {me}
+    stale_workers = sorted({c.claimed_by for c in applying if c.claimed_by is not None and c.claimed_by not in others})
+    released: list[int] = []
+    for worker in stale_workers:
+        released += release_claimed(session, worker, actor=me[:100], reason=reason)
+    return released
+
+
+def lock_corrections(session: Session, ids: Iterable[int]) -> list[Correction]:
+    """Lock these corrections' rows (in id order) before the first audit append; returns them."""
+    wanted = sorted(set(ids))
+    if not wanted:
+        return []
+    query = select(Correction).where(Correction.id.in_(wanted)).order_by(Correction.id).with_for_update()
+    return list(session.scalars(query))
+
+
+def pending_count(session: Session) -> int:
+    query = select(func.count()).select_from(Correction).where(Correction.status == CorrectionStatus.PENDING)
+    return session.scalar(query) or 0
 
 
 def _lock_claimed(session: Session, correction: Correction, worker: str, operation: str) -> Correction:

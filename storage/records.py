@@ -10,6 +10,7 @@ is JSON Lines, or one JSON list, or a single JSON object.
 
 from __future__ import annotations
 
+import getpass
 import json
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
@@ -197,6 +198,14 @@ def parse_neighbor_option(value: str) -> Neighbor:
 def check_submitter(value: str) -> str:
     """The name recorded as submitter and audit actor."""
     return _text(value, "submitter name", SUBMITTER_MAX_CHARS)
+
+
+def login_name() -> str:
+    """The user's login name, the default submitter and requester; "unknown" where there is none."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name (e.g. a container user without a passwd entry)
+        return "unknown"
 
 
 def correction_from_record(record: Any, default_priority: int = 0) -> CorrectionInput:

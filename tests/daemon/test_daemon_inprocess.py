@@ -12,19 +12,20 @@ import torch
 from sqlalchemy import select
 
 from daemon.checkpoint_files import read_checkpoint
-from daemon.health import sample_sha256
+from daemon.drift_sample import sample_sha256
 from daemon.logs import configure_logging
-from daemon.reverts import RevertRefused, request_revert
 from daemon.runner import Daemon, DaemonError
 from daemon.service import apply_pending, run_pass
 from daemon.settings import DaemonSettings, HealthSettings, Retention
 from daemon.stopping import Abandon, StopControl
+from engine.files import model_key
 from storage.audit import verify_chain
 from storage.context import StoreContext
 from storage.home import DataHome
 from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus, Metric, Phase
 from storage.queue import submit
 from storage.records import make_correction
+from storage.reverts import RevertRefused, request_revert
 
 FACTS = [
     ("The capital of {} is", "France", "Rome", "Paris"),
@@ -93,7 +94,7 @@ def test_revert_restores_weights_and_state_exactly_and_marks_later_corrections(s
     restored, now = contents(store, 4), contents(store, 6)
     assert all(torch.equal(restored.weights[k], now.weights[k]) for k in restored.weights)
     assert now.state.equals(restored.state) and now.state.steps == 3
-    live = daemon.ws.editor.edited_weights()
+    live = daemon.model.editor.edited_weights()
     assert all(torch.equal(live[k], now.weights[k]) for k in live)
     with store.sessions().begin() as session:
         head = session.get(Checkpoint, 6)
@@ -123,7 +124,7 @@ def test_health_checks_store_retention_and_drift_and_warn(store, tiny, log, one_
         assert {m.correction_id for m in rows if m.name == "health.holds"} == {1, 2, 3}
         event = session.scalars(select(AuditEvent).where(AuditEvent.kind == "health_checked")).all()[-1]
         assert event.edit_id == 4 and event.payload["tested"] == 3
-    assert (store.home.stats_dir / daemon.model.removeprefix("sha256:")[:16] / "drift-sample.json").is_file()
+    assert (store.home.stats_dir / model_key(daemon.identity) / "drift-sample.json").is_file()
     text = log.getvalue()
     assert "level=info event=health_checked edit=2" in text or "level=warning event=health_checked edit=2" in text
     # the tiny random model cannot hold facts: retention is low, and the daemon says so
@@ -161,19 +162,19 @@ def test_a_second_stop_signal_abandons_the_batch_and_requeues_it(store, tiny, lo
     daemon = make_daemon(store, tiny, log, stop=stop)
     daemon.load()
     daemon.open()
-    untouched = daemon.ws.editor.edited_weights()
-    real_apply = daemon.ws.editor.apply
+    untouched = daemon.model.editor.edited_weights()
+    real_apply = daemon.model.editor.apply
 
     def interrupted(requests, state):
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
         return real_apply(requests, state)
 
-    monkeypatch.setattr(daemon.ws.editor, "apply", interrupted)
+    monkeypatch.setattr(daemon.model.editor, "apply", interrupted)
     with stop.handling_signals(), daemon.holding_lease(), pytest.raises(Abandon):
         run_pass(daemon)
     assert statuses(store) == {1: "pending", 2: "pending"}
-    live = daemon.ws.editor.edited_weights()
+    live = daemon.model.editor.edited_weights()
     assert all(torch.equal(live[k], untouched[k]) for k in live)
     assert 'event=claims_released corrections=1 reason="abandoned on a second stop signal"' in log.getvalue()
     with store.sessions()() as session:
@@ -200,11 +201,11 @@ def test_a_user_given_drift_text_is_the_sample(store, tiny, log, tmp_path, one_t
     submit_facts(store, FACTS[:1])
     daemon = make_daemon(store, tiny, log, health=HealthSettings(every=1, drift_text=text))
     apply_pending(daemon)
-    assert daemon.ws.drift_texts == [
+    assert daemon.model.drift_texts == [
         "The capital of France is Paris.",
         "Rome is the capital of Italy. Berlin is in Germany.",
     ]
     with store.sessions()() as session:
         event = session.scalars(select(AuditEvent).where(AuditEvent.kind == "health_checked")).one()
-        assert event.payload["sample"] == sample_sha256(daemon.ws.drift_texts)
+        assert event.payload["sample"] == sample_sha256(daemon.model.drift_texts)
         assert event.payload["perplexity"] > 1 and event.payload["base_perplexity"] > 1

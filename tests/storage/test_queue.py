@@ -7,6 +7,7 @@ from sqlalchemy import select
 
 from storage.audit import verify_chain
 from storage.errors import InvalidTransition
+from storage.leases import acquire
 from storage.models import AuditEvent, Correction, CorrectionStatus, Edit
 from storage.queue import (
     claim_batch,
@@ -14,6 +15,7 @@ from storage.queue import (
     mark_failed,
     mark_rejected,
     release_claimed,
+    release_stale_claims,
     submit,
     submit_many,
 )
@@ -185,3 +187,19 @@ def test_failing_for_good_and_transition_guards(sessions):
         mark_failed(session, claimed, "model diverged", worker="w")
     with sessions() as session:
         assert session.get(Correction, only).status == CorrectionStatus.FAILED
+
+
+def test_recovery_releases_only_claims_of_workers_without_a_live_lease(sessions):
+    with sessions.begin() as session:
+        for subject in ("France", "Italy", "Spain"):
+            submit(session, make_correction("The capital of {} is", subject, "Rome"), "alice")
+    with sessions.begin() as session:
+        acquire(session, "sha256:other-model", "daemon@h:2:live01", 30)
+        claim_batch(session, 1, "daemon@h:1:dead01")
+        claim_batch(session, 1, "daemon@h:2:live01")
+    with sessions.begin() as session:
+        released = release_stale_claims(session, "daemon@h:3:me0001", "recovery")
+    assert released == [1]
+    with sessions.begin() as session:
+        statuses = {c.id: c.status for c in session.scalars(select(Correction))}
+    assert statuses == {1: CorrectionStatus.PENDING, 2: CorrectionStatus.APPLYING, 3: CorrectionStatus.PENDING}

@@ -1,4 +1,4 @@
-"""Revert requests: recorded by ``metake revert``, checked again and settled by the daemon.
+"""Revert request rows: recorded by ``metake revert``, checked again and settled by the daemon.
 
 A revert is queued rather than done by the command itself because only the lease holder may
 change the model. The daemon performs pending requests between batches, so a revert never
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from daemon.lineage import ancestry, head_checkpoint, model_checkpoints
 from storage.audit import AuditKind, append_event
+from storage.checkpoints import ancestry, head_checkpoint, model_checkpoints
 from storage.errors import InvalidInput, NotFound
 from storage.models import Checkpoint, Correction, CorrectionStatus, RevertRequest, RevertStatus
 from storage.types import utcnow
@@ -87,14 +87,6 @@ def refuse(session: Session, request_id: int, reason: str, actor: str) -> None:
         checkpoint_id=request.checkpoint_id,
         payload={"request": request.id, "reason": reason},
     )
-
-
-def lock_corrections(session: Session, correction_ids: Sequence[int]) -> list[Correction]:
-    """Lock the corrections a revert will mark, before any audit append (the store's lock order)."""
-    if not correction_ids:
-        return []
-    query = select(Correction).where(Correction.id.in_(list(correction_ids))).order_by(Correction.id)
-    return list(session.scalars(query.with_for_update()))
 
 
 def settle_done(

@@ -1,0 +1,68 @@
+"""Edit rows and the metrics measured about them (before and after, per correction or per batch).
+
+Writers work inside the caller's transaction and never commit, like storage.queue: a batch's
+checkpoint, edit, metrics, status changes and audit events commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from storage.models import Edit, Metric, Phase
+
+
+@dataclass(frozen=True)
+class MetricValue:
+    """A metric to record: about a correction (or the whole batch when None), before or after."""
+
+    correction_id: int | None
+    name: str
+    phase: Phase
+    value: float
+
+
+def add_edit(
+    session: Session,
+    *,
+    method: str,
+    model: str,
+    hparams: dict[str, Any],
+    layers: list[int],
+    started_at: datetime,
+    finished_at: datetime,
+    timings: dict[str, Any],
+    before_id: int | None,
+    after_id: int,
+) -> Edit:
+    edit = Edit(
+        method=method,
+        model=model,
+        hparams=hparams,
+        layers=layers,
+        started_at=started_at,
+        finished_at=finished_at,
+        timings=timings,
+        checkpoint_before_id=before_id,
+        checkpoint_after_id=after_id,
+    )
+    session.add(edit)
+    session.flush()
+    return edit
+
+
+def add_metrics(session: Session, edit_id: int, values: Iterable[MetricValue]) -> int:
+    """Store the finite values (a NaN says nothing and JSON cannot carry it); returns how many."""
+    rows = [
+        Metric(edit_id=edit_id, correction_id=v.correction_id, name=v.name, phase=v.phase, value=float(v.value))
+        for v in values
+        if math.isfinite(v.value)
+    ]
+    session.add_all(rows)
+    session.flush()
+    return len(rows)
