@@ -25,16 +25,7 @@ from storage.checkpoints import all_checkpoints
 from storage.context import StoreContext
 from storage.db import current_revisions
 from storage.errors import InvalidInput, UserError
-from storage.models import AuditEvent, Correction, CorrectionStatus
-from storage.queries import (
-    CorrectionStory,
-    correction_history,
-    correction_story,
-    metrics_by_correction,
-    queued_corrections,
-)
-from storage.queue import submit_many
-from storage.records import (
+from storage.intake import (
     CorrectionInput,
     ParsedFile,
     check_submitter,
@@ -44,6 +35,15 @@ from storage.records import (
     parse_neighbor_option,
     read_corrections_file,
 )
+from storage.models import AuditEvent, Correction, CorrectionStatus
+from storage.queries import (
+    CorrectionStory,
+    correction_history,
+    correction_story,
+    metrics_by_correction,
+    queued_corrections,
+)
+from storage.queue import submit_many
 from storage.serialize import (
     checkpoint_to_dict,
     correction_to_dict,

@@ -32,9 +32,9 @@ from daemon.service import run_pass
 from daemon.settings import DaemonSettings, HealthSettings
 from storage.context import StoreContext
 from storage.home import DataHome
+from storage.intake import correction_from_record
 from storage.models import Checkpoint
 from storage.queue import submit_many
-from storage.records import correction_from_record
 from storage.reverts import request_revert
 
 OVERHEAD_PHASES = ("claim", "checkpoint", "commit")

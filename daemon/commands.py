@@ -21,11 +21,12 @@ from daemon.settings import DEFAULT_MODEL, DTYPES, METHODS, DaemonSettings, Heal
 from daemon.stopping import Abandon, StopControl
 from storage.checkpoints import check_exportable, choose_checkpoint
 from storage.context import StoreContext
+from storage.intake import check_submitter, login_name
 from storage.leases import LeaseLost
-from storage.records import check_submitter, login_name
 from storage.reverts import request_revert
 
 if TYPE_CHECKING:
+    from daemon.runner import Daemon
     from daemon.service import PassReport
 
 CommandFunction = TypeVar("CommandFunction", bound=Callable[..., Any])
@@ -90,6 +91,15 @@ def settings_from(options: dict[str, Any]) -> DaemonSettings:
     )
 
 
+def _daemon_from(store: StoreContext, options: dict[str, Any]) -> Daemon:
+    """The Daemon the options describe (checked first), logging as asked, with its own StopControl."""
+    settings = settings_from(options)
+    from daemon.runner import Daemon  # loads torch: imported here, see the module docstring
+
+    logger = configure_logging(options["log_format"])
+    return Daemon(store, settings, logger, StopControl(), progress=options["progress"])
+
+
 def _summary(report: PassReport) -> str:
     applied = sum(len(b.applied) for b in report.batches)
     rejected = sum(len(b.rejected) for b in report.batches)
@@ -124,18 +134,14 @@ def daemon(
     if interval is not None and interval <= 0:
         raise click.UsageError(f"--interval must be positive, got {interval:g}")
     wakeups: Wakeups = parse_cron(schedule, timezone) if schedule is not None else Every(interval or 10.0)
-    settings = settings_from(options)
-    from daemon.runner import Daemon  # loads torch: imported here, see the module docstring
+    runner = _daemon_from(store, options)
     from daemon.service import serve
 
-    logger = configure_logging(options["log_format"])
-    stop = StopControl()
-    runner = Daemon(store, settings, logger, stop, progress=options["progress"])
-    with stop.handling_signals():
+    with runner.stop.handling_signals():
         try:
             serve(runner, wakeups)
         except Abandon:
-            logger.info("stopped", extra={"metake_fields": {"batch": "abandoned"}})
+            runner.log.info("stopped", extra={"metake_fields": {"batch": "abandoned"}})
 
 
 @click.command()
@@ -147,14 +153,10 @@ def apply(store: StoreContext, max_corrections: int | None, **options: Any) -> N
 
     The same code as the daemon, in the foreground; refused while a daemon holds the model.
     """
-    settings = settings_from(options)
-    from daemon.runner import Daemon  # loads torch: imported here, see the module docstring
+    runner = _daemon_from(store, options)
     from daemon.service import apply_pending
 
-    logger = configure_logging(options["log_format"])
-    stop = StopControl()
-    runner = Daemon(store, settings, logger, stop, progress=options["progress"])
-    with stop.handling_signals():
+    with runner.stop.handling_signals():
         try:
             report = apply_pending(runner, max_corrections)
         except Abandon:

@@ -24,10 +24,10 @@ from storage.checkpoints import all_checkpoints
 from storage.context import StoreContext
 from storage.errors import InvalidInput
 from storage.home import DB_FILENAME, DataHome
+from storage.intake import correction_from_record
 from storage.models import Phase
 from storage.queries import all_corrections, all_metrics
 from storage.queue import submit_many
-from storage.records import correction_from_record
 
 MARKER = ".metake-demo"
 SUBMITTER = "demo"

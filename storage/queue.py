@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session
 
 from storage.audit import AuditKind, append_event
 from storage.errors import InvalidTransition
+from storage.intake import CorrectionInput
 from storage.models import Correction, CorrectionStatus, DaemonLease
-from storage.records import CorrectionInput
 from storage.types import utcnow
 
 # Class of the PostgreSQL advisory locks that serialise submissions for one subject and prompt.

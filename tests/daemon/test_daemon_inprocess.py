@@ -22,9 +22,9 @@ from engine.files import model_key
 from storage.audit import verify_chain
 from storage.context import StoreContext
 from storage.home import DataHome
+from storage.intake import make_correction
 from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus, Metric, Phase
 from storage.queue import submit
-from storage.records import make_correction
 from storage.reverts import RevertRefused, request_revert
 
 FACTS = [

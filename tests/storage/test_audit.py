@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import select, text
 
 from storage.audit import GENESIS_HASH, append_event, event_hash, verify_chain
+from storage.intake import make_correction
 from storage.models import AuditEvent, Checkpoint
 from storage.queue import claim_batch, submit_many
-from storage.records import make_correction
 
 
 def fill(sessions, count: int = 3) -> None:

@@ -17,9 +17,9 @@ from sqlalchemy import func, select
 
 from storage.audit import verify_chain
 from storage.db import make_engine, session_factory
+from storage.intake import make_correction
 from storage.models import AuditEvent, Correction, CorrectionStatus
 from storage.queue import claim_batch, submit
-from storage.records import make_correction
 
 SUBMITTERS = 4
 PER_SUBMITTER = 250

@@ -7,6 +7,7 @@ from sqlalchemy import select
 
 from storage.audit import verify_chain
 from storage.errors import InvalidTransition
+from storage.intake import make_correction
 from storage.leases import acquire
 from storage.models import AuditEvent, Correction, CorrectionStatus, Edit
 from storage.queue import (
@@ -19,7 +20,6 @@ from storage.queue import (
     submit,
     submit_many,
 )
-from storage.records import make_correction
 
 MOTHER_TONGUE = "The mother tongue of {} is"
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from storage.errors import InvalidInput
-from storage.records import (
+from storage.intake import (
     CorrectionInput,
     Neighbor,
     correction_from_record,

@@ -1,4 +1,4 @@
-"""What a correction submission looks like, how it is checked, and how files of them are read.
+"""Intake: what a correction submission looks like, how it is checked, and how files of them are read.
 
 Everything here runs before the database is touched, so a rejected submission writes nothing.
 Accepted inputs: plain records ``{prompt, subject, target, paraphrases?, neighbors?, priority?,
