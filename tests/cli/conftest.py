@@ -1,13 +1,4 @@
-"""Fixtures of the CLI tests: the shared database fixtures (tests/store_fixtures.py)."""
+"""Fixtures of the CLI tests: ``metake`` run in process on a fresh database of each backend
+(tests/store_fixtures.py), the session factory on it, and row counts to show nothing was written."""
 
-from store_fixtures import (  # noqa: F401 - fixtures
-    _isolated_environment,
-    backend,
-    databases,
-    db_url,
-    empty_db_url,
-    engine,
-    metake,
-    row_counts,
-    sessions,
-)
+from store_fixtures import _isolated_environment, databases, db_url, engine, metake, row_counts, sessions  # noqa: F401
