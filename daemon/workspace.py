@@ -86,27 +86,12 @@ def read_hparams(path: Path) -> EditHyperParams:
         raise InvalidInput(f"{path}: {error}") from error
 
 
-def hparams_for(loaded: LoadedModel, hparams_file: Path | None = None, method: str | None = None) -> EditHyperParams:
-    """The hyperparameters to edit ``loaded`` with: the file if given, else the engine's defaults
-    for its family; ``method`` overrides the file's. Bad ones become InvalidInput. The one
-    resolution of hyperparameters, for the daemon and for the bench."""
-    if hparams_file is not None:
-        hparams = read_hparams(hparams_file)
-    else:
-        hparams = EditHyperParams.defaults_for(loaded.model_type)
-    if method is not None:
-        try:
-            hparams = hparams.with_changes(method=method)
-        except ValueError as error:
-            raise InvalidInput(str(error)) from error
-    if hparams.last_layer >= loaded.n_layers:
-        raise InvalidInput(f"hyperparameters edit layer {hparams.last_layer}, but the model has {loaded.n_layers}")
-    return hparams
-
-
 def resolve_hparams(settings: DaemonSettings, loaded: LoadedModel) -> EditHyperParams:
     """The daemon's hyperparameters: ``--hparams`` if given, else the defaults; ``--method`` overrides."""
-    return hparams_for(loaded, settings.hparams_file, settings.method)
+    try:
+        return EditHyperParams.resolve(loaded.model_type, loaded.n_layers, settings.hparams_file, settings.method)
+    except ValueError as error:
+        raise InvalidInput(str(error)) from error
 
 
 def open_model(settings: DaemonSettings, home: DataHome, loaded: LoadedModel) -> EditableModel:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from engine.architecture import as_out_in, edited_weight
+from engine.files import model_key
 from engine.hooks import capture_inputs, capture_outputs, run_until_stopped
 from engine.hparams import EditHyperParams
 from engine.models import LoadedModel, seeded
@@ -81,7 +82,7 @@ class Editor:
         self.loaded = loaded
         self.hparams = hparams
         self.stats: dict[int, KeyStatistics] = key_statistics(loaded, hparams.layers, hparams.stats, cache_dir)
-        model_dir = cache_dir / loaded.identity.removeprefix("sha256:")[:16] if cache_dir else None
+        model_dir = cache_dir / model_key(loaded.identity) if cache_dir else None
         self.projectors: dict[int, Projector] = {
             layer: projector_for(
                 self.stats[layer], hparams.solver.nullspace_threshold, model_dir, hparams.solver.nullspace_relative

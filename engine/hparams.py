@@ -147,6 +147,23 @@ class EditHyperParams:
             return cls.from_dict(tomllib.load(handle))
 
     @classmethod
+    def resolve(
+        cls, model_type: str, n_layers: int, path: str | Path | None = None, method: str | None = None
+    ) -> EditHyperParams:
+        """The one resolution of an edit's hyperparameters, for the daemon and the bench: the file if
+        given, else the family's defaults; ``method`` overrides. Raises ``ValueError`` (one line,
+        naming the file) for a bad file, an unknown method or a layer the model does not have."""
+        try:
+            hparams = cls.from_file(path) if path is not None else cls.defaults_for(model_type)
+        except (ValueError, TypeError, OSError) as error:
+            raise ValueError(f"{path}: {error}") from error
+        if method is not None:
+            hparams = hparams.with_changes(method=method)
+        if hparams.last_layer >= n_layers:
+            raise ValueError(f"hyperparameters edit layer {hparams.last_layer}, but the model has {n_layers}")
+        return hparams
+
+    @classmethod
     def defaults_for(cls, model_type: str) -> EditHyperParams:
         """The shipped defaults of the model's family (``engine/defaults/<family>.toml``)."""
         family = FAMILY_OF_MODEL_TYPE.get(model_type, "llama")

@@ -123,8 +123,8 @@ def bench(
             raise click.UsageError(f"--method-hparams {item!r}: expected METHOD=FILE with a chosen method and a file")
         per_method[name] = Path(file)
     home = getattr(ctx.obj, "home", None) or resolve_home(None)
-    given = EditHyperParams.from_file(hparams) if hparams else None
     try:
+        given = EditHyperParams.from_file(hparams) if hparams else None
         loaded = load_model(
             model,
             cache_dir=home.models_dir,
@@ -132,9 +132,9 @@ def bench(
             dtype=dtype,
             architecture=given.architecture if given else None,
         )
-    except ModelLoadError as exc:
+        hp = EditHyperParams.resolve(loaded.model_type, loaded.n_layers, hparams)
+    except (ModelLoadError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    hp = given or EditHyperParams.defaults_for(loaded.model_type)
 
     def overridden(base: EditHyperParams) -> EditHyperParams:
         if stats_source or stats_tokens:
@@ -144,7 +144,13 @@ def bench(
         return base.with_changes(layers=[int(x) for x in layers.split(",")]) if layers else base
 
     hp = overridden(hp)
-    tuned = {name: overridden(EditHyperParams.from_file(file)) for name, file in per_method.items()}
+    try:
+        tuned = {
+            name: overridden(EditHyperParams.resolve(loaded.model_type, loaded.n_layers, file, name))
+            for name, file in per_method.items()
+        }
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     with open(data) as handle:
         zsre = is_zsre(json.load(handle))
     records = load_zsre(data, n, offset) if zsre else load_counterfact(data, n, offset)

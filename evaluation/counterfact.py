@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.requests import EditRequest
+from storage.errors import InvalidInput
+from storage.intake import PLACEHOLDER, correction_from_record
 
 
 @dataclass(frozen=True)
@@ -39,20 +41,30 @@ class CounterFactRecord:
 
 def load_counterfact(path: str | Path, n: int | None = None, offset: int = 0) -> list[CounterFactRecord]:
     """``n`` records of a CounterFact JSON file, from record ``offset`` on (counted in the file,
-    so that a slice names the same records whatever is filtered), whose subject occurs in its prompt."""
+    so that a slice names the same records whatever is skipped).
+
+    Records are read by the product's own intake (``storage.intake``), so the benchmark edits
+    exactly what ``metake submit`` would queue; a record intake refuses (e.g. a subject missing
+    from its prompt) is skipped."""
     with open(path) as handle:
         raw = json.load(handle)
-    records = [
-        CounterFactRecord(
-            int(r["case_id"]),
-            r["prompt"],
-            r["subject"],
-            r["target_new"],
-            r["ground_truth"],
-            r["rephrase_prompt"],
-            r["locality_prompt"],
+    records = []
+    for record in raw[offset:]:
+        try:
+            correction = correction_from_record(record)
+        except InvalidInput:
+            continue
+        records.append(
+            CounterFactRecord(
+                int(record["case_id"]),
+                correction.prompt.replace(PLACEHOLDER, correction.subject, 1),
+                correction.subject,
+                correction.target,
+                correction.original_answer or "",
+                correction.paraphrases[0] if correction.paraphrases else correction.prompt,
+                correction.neighbors[0].prompt if correction.neighbors else "",
+            )
         )
-        for r in raw[offset:]
-        if r["subject"] in r["prompt"]
-    ]
-    return records[:n] if n is not None else records
+        if n is not None and len(records) == n:
+            break
+    return records
