@@ -209,11 +209,12 @@ class Editor:
         upstream_steps = [0] * u
         if not outer_on or hp.outer.warm_start:
             up = hp.upstream
+            up_pb = pb.with_prefix_cache(lm) if up.cache_prefix else pb
             upstream = optimise_plan(
                 lm,
-                pb,
+                up_pb,
                 delta,
-                residual_injector(lm, pb, last),
+                residual_injector(lm, up_pb, last),
                 lambda d: up.weight_decay * (d.norm(dim=1) / h.norm(dim=1) ** 2).sum(),
                 up.clamp_norm_factor * h.norm(dim=1),
                 lr=up.lr,
@@ -229,6 +230,8 @@ class Editor:
         if outer_on:
             generic = list(state.prefixes) if hp.outer.generic_kl else []
             outer_pb = plan_batch(lm, encoded, generic) if generic else pb
+            if hp.outer.cache_prefix:
+                outer_pb = outer_pb.with_prefix_cache(lm)
             delta, outer_steps = self._outer_loop(outer_pb, delta, h, operator_last, last)
             lap("outer")
         if not torch.isfinite(delta).all():

@@ -114,10 +114,10 @@ def add_linear_update(model: nn.Module, name: str, update: Callable[[torch.Tenso
         yield
 
 
-def run_until_stopped(model: nn.Module, **inputs: torch.Tensor) -> None:
+def run_until_stopped(model: nn.Module, **inputs: Any) -> None:
     """Run a forward pass that a :class:`StopForward` hook is expected to end."""
     with suppress(StopForward):
-        model(**inputs, use_cache=False)
+        model(**{"use_cache": False, **inputs})
 
 
 class _Replay(nn.Module):
@@ -134,7 +134,7 @@ class _Replay(nn.Module):
 
 
 @contextmanager
-def replay_lower_layers(model: nn.Module, layers: str, upto: int, **inputs: torch.Tensor) -> Iterator[None]:
+def replay_lower_layers(model: nn.Module, layers: str, upto: int, **inputs: Any) -> Iterator[None]:
     """Inside the block, forwards of exactly ``inputs`` replay blocks ``0..upto`` instead of running them.
 
     The target optimisation runs the same prompts dozens of times while only what happens after

@@ -31,6 +31,8 @@ class UpstreamParams:
     n_prefixes: int = 4
     """Short generic prefixes (sampled from the model once) put in front of the rewrite prompt."""
     prefix_tokens: int = 5
+    cache_prefix: bool = True
+    """Run the tokens before each subject once per plan instead of every step (exact; speed only)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,9 @@ class OuterParams:
     """Learning rate when starting from zero (the upstream's, since the loop then does its work)."""
     generic_kl: bool = False
     """Also anchor the next-token distribution after the generic prefixes (unrelated text)."""
+    cache_prefix: bool = False
+    """Apply the virtual update only from each subject on and cache the tokens before it
+    (faster; an approximation, since the real update also reaches the earlier tokens)."""
 
 
 @dataclass(frozen=True)

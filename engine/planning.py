@@ -14,15 +14,18 @@ in how ``delta`` reaches the model and what it costs:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from engine.hooks import add_at_positions, add_linear_update, capture_outputs, replay_lower_layers, run_until_stopped
 from engine.models import LoadedModel
+from engine.prefix_cache import SplitBatch, split_batch, split_points
 from engine.requests import EditRequest, Row, TokenBatch, encode_target, encode_with_subject, make_batch
 from engine.scoring import batch_logits, per_row_sum, target_logprobs, targets_are_top
 
@@ -63,6 +66,24 @@ class PlanBatch:
     """The bare rewrite prompt of each request, in request order."""
     reference: torch.Tensor
     """Log-probabilities of the unedited model at the last token of ``kl_rows``."""
+    split: SplitBatch | None = None
+    """When set, steps run only from each row's subject on (``engine.prefix_cache``)."""
+
+    @property
+    def step(self) -> TokenBatch:
+        """The rows as one optimisation step runs them (indices in that step's coordinates)."""
+        return self.split.step if self.split is not None else self.batch
+
+    def step_inputs(self) -> dict[str, Any]:
+        return self.split.inputs() if self.split is not None else {**self.batch.inputs(), "use_cache": False}
+
+    def with_prefix_cache(self, loaded: LoadedModel) -> PlanBatch:
+        """The same rows with what precedes each subject run once and cached (see ``engine.prefix_cache``).
+
+        Exact when the plan acts only from the subject on (the upstream's residual injection); for
+        MetaKE's virtual update it leaves the positions before the subject unedited.
+        """
+        return dataclasses.replace(self, split=split_batch(loaded.model, self.batch, split_points(self.batch)))
 
 
 def plan_batch(loaded: LoadedModel, encoded: list[EncodedRequest], generic: list[str]) -> PlanBatch:
@@ -132,12 +153,12 @@ def optimise_plan(
     cannot influence, are run once and replayed.
     """
     replay = (
-        replay_lower_layers(loaded.model, loaded.spec.layers, replay_upto, **pb.batch.inputs())
+        replay_lower_layers(loaded.model, loaded.spec.layers, replay_upto, **pb.step_inputs())
         if replay_upto is not None and replay_upto >= 0
         else nullcontext()
     )
     with replay:
-        batch = pb.batch
+        batch = pb.step
         u = pb.n_requests
         delta = init.detach().clone().requires_grad_(True)
         optimiser = torch.optim.Adam([delta], lr=lr)
@@ -155,7 +176,7 @@ def optimise_plan(
         succeeded = [False] * u
         for _ in range(max_steps + 1):
             with inject(delta):
-                at_targets, at_last = batch_logits(loaded.model, batch)
+                at_targets, at_last = batch_logits(loaded.model, batch, pb.step_inputs())
             row_nll = -per_row_sum(target_logprobs(at_targets, batch), batch.target_rows, n_rows) / token_count.clamp(
                 min=1
             )
@@ -199,8 +220,8 @@ def optimise_plan(
 def residual_injector(loaded: LoadedModel, pb: PlanBatch, layer: int) -> Injector:
     """Upstream: add ``delta[r]`` to the residual stream after ``layer`` at request r's subject tokens."""
     rows = pb.edit_rows
-    positions = pb.batch.subject_pos[rows]
-    owners = pb.batch.request[rows]
+    positions = pb.step.subject_pos[rows]
+    owners = pb.step.request[rows]
 
     def inject(delta: torch.Tensor) -> AbstractContextManager[None]:
         return add_at_positions(loaded.model, loaded.spec.layer(layer), rows, positions, lambda: delta[owners])

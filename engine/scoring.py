@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +24,15 @@ def logits_at(model: PreTrainedModel, batch: TokenBatch, rows: torch.Tensor, pos
     return model.get_output_embeddings()(hidden[rows, positions]).float()
 
 
-def batch_logits(model: PreTrainedModel, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at every target position and at every row's last token, from one forward pass."""
-    hidden = model.base_model(**batch.inputs(), use_cache=False).last_hidden_state
+def batch_logits(
+    model: PreTrainedModel, batch: TokenBatch, inputs: dict[str, Any] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at every target position and at every row's last token, from one forward pass.
+
+    ``inputs`` replaces the batch's own forward arguments (a split batch's stepped part and cache).
+    """
+    forward = inputs if inputs is not None else {**batch.inputs(), "use_cache": False}
+    hidden = model.base_model(**forward).last_hidden_state
     head = model.get_output_embeddings()
     at_targets = head(hidden[batch.target_rows, batch.target_positions]).float()
     at_last = head(hidden[batch.rows, batch.last]).float()

@@ -1,4 +1,5 @@
-"""Target planning: replaying the lower blocks changes nothing but speed; early stopping."""
+"""Target planning: replaying the lower blocks and caching the tokens before the subject change
+nothing but speed; MetaKE's cached variant edits only from the subject on; early stopping."""
 
 from __future__ import annotations
 
@@ -6,17 +7,27 @@ import torch
 from tiny_models import REQUESTS, tiny_hparams
 
 from engine.editor import Editor
-from engine.hooks import replay_lower_layers
-from engine.planning import encode_request, optimise_plan, plan_batch, residual_injector, subject_outputs
+from engine.hooks import add_linear_update, replay_lower_layers
+from engine.planning import (
+    encode_request,
+    optimise_plan,
+    plan_batch,
+    residual_injector,
+    subject_outputs,
+    virtual_update_injector,
+)
+from engine.prefix_cache import split_points
 from engine.scoring import batch_logits
 
 
-def _plan(tiny, tiny_dirs, replay, max_steps=6):
+def _plan(tiny, tiny_dirs, replay, max_steps=6, cache=False):
     editor = Editor(tiny, tiny_hparams(tiny_dirs["corpus"], "alphaedit"))
     state = editor.new_state()
     encoded = [encode_request(tiny, r, state.prefixes, i) for i, r in enumerate(REQUESTS[:2])]
     pb = plan_batch(tiny, encoded, list(state.prefixes))
     h = subject_outputs(tiny, pb, 2)
+    if cache:
+        pb = pb.with_prefix_cache(tiny)
     return (
         pb,
         h,
@@ -61,3 +72,46 @@ def test_each_request_stops_on_its_own(tiny, tiny_dirs):
     _, _, result = _plan(tiny, tiny_dirs, replay=True, max_steps=6)
     assert all(0 < s <= 6 for s in result.steps)
     assert len(result.final_nll) == 2 and all(n > 0 for n in result.final_nll)
+
+
+def test_prefix_cache_gives_the_same_logits_under_the_residual_injection(tiny, tiny_dirs):
+    """Catches a wrong split (positions, padding or the subject index in step coordinates)."""
+    pb, h, _ = _plan(tiny, tiny_dirs, replay=False, max_steps=0)
+    cached = pb.with_prefix_cache(tiny)
+    assert cached.step.input_ids.shape[1] < pb.batch.input_ids.shape[1]  # it does skip tokens
+    delta = torch.randn_like(h)
+    with torch.no_grad(), residual_injector(tiny, pb, 2)(delta):
+        full = batch_logits(tiny.model, pb.batch)
+    with torch.no_grad(), residual_injector(tiny, cached, 2)(delta):
+        stepped = batch_logits(tiny.model, cached.step, cached.step_inputs())
+    for a, b in zip(full, stepped, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_plan_is_the_same_with_and_without_prefix_cache(tiny, tiny_dirs):
+    _, _, plain = _plan(tiny, tiny_dirs, replay=True)
+    _, _, fast = _plan(tiny, tiny_dirs, replay=True, cache=True)
+    assert plain.steps == fast.steps
+    assert torch.allclose(plain.delta, fast.delta, atol=1e-4, rtol=1e-4)
+
+
+def test_cached_virtual_update_edits_only_from_the_subject_on(tiny, tiny_dirs):
+    """MetaKE's cached variant is the model with the virtual update masked to positions >= split."""
+    pb, h, _ = _plan(tiny, tiny_dirs, replay=False, max_steps=0)
+    cached = pb.with_prefix_cache(tiny)
+    weight = tiny.model.get_submodule(tiny.spec.mlp_out_of(2)).weight
+    key_width = weight.shape[0] if tiny.spec.weight_transposed else weight.shape[1]
+    operator = torch.randn(h.shape[0], key_width) / key_width
+    delta = torch.randn_like(h)
+    split = split_points(pb.batch)
+    after = (torch.arange(pb.batch.input_ids.shape[1])[None, :] >= split[:, None]).float()[..., None]
+    with torch.no_grad():
+        update = lambda x: after * ((x.float() @ operator.T) @ delta)  # noqa: E731
+        with add_linear_update(tiny.model, tiny.spec.mlp_out_of(2), update):
+            masked = batch_logits(tiny.model, pb.batch)
+        with virtual_update_injector(tiny, 2, operator)(delta):
+            everywhere = batch_logits(tiny.model, pb.batch)
+            stepped = batch_logits(tiny.model, cached.step, cached.step_inputs())
+    for a, b in zip(masked, stepped, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(everywhere[0], stepped[0], atol=1e-3)  # the approximation is not the model
