@@ -55,6 +55,8 @@ class DaemonSettings:
     """None: the method of the hyperparameter file or the engine's defaults."""
     hparams_file: Path | None = None
     batch_size: int = 1
+    threads: int | None = None
+    """Torch CPU threads; None: the cores this process may use (see README, "Speed")."""
     max_attempts: int = 3
     """Tries per correction before a batch that keeps failing marks it failed for good."""
     lease_seconds: float = 60.0
@@ -64,6 +66,8 @@ class DaemonSettings:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise InvalidInput(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise InvalidInput(f"--threads must be at least 1, got {self.threads}")
         if self.max_attempts < 1:
             raise InvalidInput(f"--max-attempts must be at least 1, got {self.max_attempts}")
         if self.lease_seconds < 3:

@@ -7,6 +7,7 @@ the unedited layers stays in memory: it is the baseline of the drift check and c
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,7 @@ def load_base_model(settings: DaemonSettings, home: DataHome) -> LoadedModel:
     A hyperparameter file's ``[architecture]`` templates reach the loader, so that a model type
     outside the built-in table loads once its module names are given there."""
     check_device(settings.device)
+    torch.set_num_threads(settings.threads or len(os.sched_getaffinity(0)))
     architecture = read_hparams(settings.hparams_file).architecture if settings.hparams_file else None
     try:
         return load_model(

@@ -15,6 +15,7 @@ from storage.errors import InvalidInput
         (lambda: Retention(keep_every=-1), "--keep-every must be 0"),
         (lambda: HealthSettings(retention_warning=1.5), "--retention-warning must be between 0 and 1"),
         (lambda: DaemonSettings(batch_size=0), "--batch-size must be at least 1"),
+        (lambda: DaemonSettings(threads=0), "--threads must be at least 1"),
         (lambda: DaemonSettings(method="rome"), "unknown method 'rome'"),
         (lambda: DaemonSettings(model="/no/such/model"), "--model /no/such/model does not exist"),
         (lambda: DaemonSettings(lease_seconds=1), "--lease-seconds must be at least 3"),
