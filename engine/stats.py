@@ -71,8 +71,16 @@ def _source_label(source: str) -> tuple[str, list[Path]]:
 
 
 def cache_path(cache_dir: Path, loaded: LoadedModel, layer: int, label: str, params: StatsParams) -> Path:
+    """The file of one layer's statistics, named by everything that changes them.
+
+    Sampling from the model draws other text at another batch size (each round is seeded), so
+    for that source the batch size is part of the name; read text is the same at any batch size.
+    """
     model = model_key(loaded.identity)
-    tag = hashlib.sha256(f"{label}|{params.n_tokens}|{params.seq_len}|{params.seed}".encode()).hexdigest()[:12]
+    what = f"{label}|{params.n_tokens}|{params.seq_len}|{params.seed}"
+    if label == MODEL_SOURCE:
+        what += f"|batch{params.batch_size}"
+    tag = hashlib.sha256(what.encode()).hexdigest()[:12]
     return cache_dir / model / f"c0-{loaded.spec.mlp_out_of(layer)}-{tag}.safetensors"
 
 
@@ -146,6 +154,7 @@ def _compute(
         "files": [str(f) for f in files],
         "requested_tokens": params.n_tokens,
         "seq_len": params.seq_len,
+        "batch_size": params.batch_size,
         "seed": params.seed,
         "dtype": str(loaded.dtype),
         "seconds": round(time.time() - started, 2),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,11 +13,11 @@ from tiny_models import DEVICE, REQUESTS, tiny_hparams
 from engine.architecture import UnknownArchitectureError, architecture_for
 from engine.editor import Editor
 from engine.hooks import capture_outputs, run_until_stopped
-from engine.hparams import EditHyperParams
+from engine.hparams import EditHyperParams, StatsParams
 from engine.models import load_model
 from engine.requests import encode_with_subject
 from engine.state import EditorState, StateMismatch
-from engine.stats import key_statistics
+from engine.stats import cache_path, key_statistics
 
 
 def test_state_saves_and_loads_bitwise(tiny, tiny_dirs, tmp_path):
@@ -99,6 +100,16 @@ def test_model_sampled_statistics_are_seeded(tiny_dirs):
     b = key_statistics(loaded, (1,), params, None)[1]
     assert a.count == b.count >= 200
     assert torch.equal(a.total, b.total)
+
+
+def test_sampled_statistics_are_cached_by_batch_size_and_read_text_is_not(tiny_dirs, tmp_path):
+    """Another sampling batch draws other text: a cache of batch 16 must not answer for batch 64."""
+    loaded = load_model(tiny_dirs["gpt2"], device=DEVICE)
+    sampled = StatsParams(source="model", batch_size=16)
+    read = StatsParams(source=str(tiny_dirs["corpus"]), batch_size=16)
+    path = lambda label, params: cache_path(tmp_path, loaded, 1, label, params)  # noqa: E731
+    assert path("model", sampled) != path("model", dataclasses.replace(sampled, batch_size=64))
+    assert path("text-sha256:x", read) == path("text-sha256:x", dataclasses.replace(read, batch_size=64))
 
 
 def test_hyperparameters_load_from_file_and_reject_unknown_keys(tmp_path):
