@@ -35,7 +35,7 @@ from storage.intake import (
     parse_neighbor_option,
     read_corrections_file,
 )
-from storage.models import AuditEvent, Correction, CorrectionStatus
+from storage.models import MAX_ROW_ID, AuditEvent, Correction, CorrectionStatus
 from storage.queries import (
     CorrectionStory,
     correction_history,
@@ -344,7 +344,7 @@ def history(
 
 
 @main.command()
-@click.argument("correction_id", metavar="ID", type=int)
+@click.argument("correction_id", metavar="ID", type=click.IntRange(1, MAX_ROW_ID))
 @json_option
 @click.pass_obj
 def show(store: StoreContext, correction_id: int, as_json: bool) -> None:

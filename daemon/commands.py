@@ -23,6 +23,7 @@ from storage.checkpoints import check_exportable, choose_checkpoint
 from storage.context import StoreContext
 from storage.intake import check_submitter, login_name
 from storage.leases import LeaseLost
+from storage.models import MAX_ROW_ID
 from storage.reverts import request_revert
 
 if TYPE_CHECKING:
@@ -170,7 +171,7 @@ def apply(store: StoreContext, max_corrections: int | None, **options: Any) -> N
 
 
 @click.command()
-@click.argument("checkpoint_id", type=int)
+@click.argument("checkpoint_id", type=click.IntRange(1, MAX_ROW_ID))
 @click.option("--as", "requested_by", default=None, help="Name to record as requester [default: your login name].")
 @click.pass_obj
 def revert(store: StoreContext, checkpoint_id: int, requested_by: str | None) -> None:
@@ -193,7 +194,7 @@ def revert(store: StoreContext, checkpoint_id: int, requested_by: str | None) ->
 
 
 @click.command()
-@click.argument("checkpoint_id", type=int, required=False)
+@click.argument("checkpoint_id", type=click.IntRange(1, MAX_ROW_ID), required=False)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="New directory to write the model to.")
 @model_options
 @click.pass_obj

@@ -36,7 +36,7 @@ def display_url(url: str | URL) -> str:
     """The URL as it may be shown to people and written to logs: password replaced by ***."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except exc.ArgumentError:
+    except (exc.ArgumentError, ValueError):  # ValueError: e.g. a port that is not a number
         return "<unparseable database URL>"
 
 
@@ -52,7 +52,7 @@ def make_engine(url: str | URL, *, foreign_keys: bool = True) -> Engine:
     """An engine for the store; ``foreign_keys=False`` only for SQLite migrations (batch mode)."""
     try:
         parsed = make_url(url)
-    except exc.ArgumentError as error:
+    except (exc.ArgumentError, ValueError) as error:
         raise DatabaseUnreachable(f"not a database URL: {display_url(url)}") from error
     backend = parsed.get_backend_name()
     connect_args: dict[str, Any] = {}

@@ -27,6 +27,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Mapper, mapped_column, relat
 
 from storage.types import UTCDateTime, utcnow
 
+MAX_ROW_ID = 2**63 - 1
+"""The largest id a row can have (BIGINT on PostgreSQL, INTEGER on SQLite); command lines refuse more."""
+
 # Alembic needs named constraints to alter them later, SQLite batch mode most of all.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",

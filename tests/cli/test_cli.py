@@ -336,6 +336,15 @@ def test_unknown_id(metake, row_counts):
     assert row_counts() == NOTHING
 
 
+def test_ids_beyond_a_database_integer_are_one_line(metake, row_counts):
+    """2**64 used to reach SQLite and end in an OverflowError traceback."""
+    too_big = str(2**64)
+    limit = f"is not in the range 1<=x<={2**63 - 1}."
+    one_line_error(metake("show", too_big), f"Invalid value for 'ID': {too_big} {limit}", 2)
+    one_line_error(metake("revert", too_big), f"Invalid value for 'CHECKPOINT_ID': {too_big} {limit}", 2)
+    assert row_counts() == NOTHING
+
+
 def test_unreadable_file(metake, row_counts, tmp_path):
     missing = tmp_path / "missing.jsonl"
     one_line_error(metake("submit", "--file", str(missing)), f"cannot read {missing}: No such file or directory")
@@ -410,6 +419,13 @@ def test_unreachable_database_hides_the_password(tmp_path):
     assert result.stderr.startswith("Error: cannot reach database postgresql+psycopg://metake:***@127.0.0.1:1/metake: ")
     assert len(result.stderr.splitlines()) == 1
     assert "s3cret-pw" not in result.output
+
+
+def test_a_port_that_is_not_a_number_is_one_line(tmp_path):
+    url = "postgresql+psycopg://metake:s3cret-pw@localhost:abc/metake"
+    result = CliRunner().invoke(main, ["--home", str(tmp_path), "--db", url, "queue"])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == ["Error: not a database URL: <unparseable database URL>"]
 
 
 def test_environment_selects_home_and_database(monkeypatch, tmp_path, db_url):
