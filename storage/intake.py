@@ -26,6 +26,7 @@ PRIORITY_LIMIT = 1_000_000
 SUBMITTER_MAX_CHARS = 100
 # Bidirectional embedding/override/isolate marks: invisible, and able to disguise text.
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_JOINERS = frozenset("\u200c\u200d")
 _PLAIN_KEYS = frozenset({"prompt", "subject", "target", "paraphrases", "neighbors", "priority", "original_answer"})
 _COUNTERFACT_KEYS = frozenset(
     {
@@ -84,11 +85,23 @@ class ParsedFile:
 
 
 def _control_character(value: str, allow_layout: bool = False) -> str | None:
+    """The first character a fact must not contain, described, or None.
+
+    Refused: control characters, line and paragraph separators, bidi controls, invisible format
+    characters (U+200B and the like; the joiners U+200C/U+200D stay, some scripts need them) and
+    lone surrogates (what undecodable bytes in an argument become; they are not Unicode text).
+    """
     for index, char in enumerate(value):
         if char in "\n\t" and allow_layout:
             continue
-        if unicodedata.category(char) in ("Cc", "Zl", "Zp") or char in _BIDI_CONTROLS:
-            return f"a control character (U+{ord(char):04X}) at character {index + 1}"
+        category = unicodedata.category(char)
+        where = f"(U+{ord(char):04X}) at character {index + 1}"
+        if category in ("Cc", "Zl", "Zp") or char in _BIDI_CONTROLS:
+            return f"a control character {where}"
+        if category == "Cs":
+            return f"a lone surrogate {where}, which is not Unicode text (undecodable input?)"
+        if category == "Cf" and char not in _JOINERS:
+            return f"an invisible format character {where}"
     return None
 
 
@@ -99,7 +112,7 @@ def _text(value: Any, label: str, limit: int, *, allow_layout: bool = False) -> 
     found = _control_character(value, allow_layout)
     if found:
         raise InvalidInput(f"the {label} contains {found}")
-    text = value.strip()
+    text = unicodedata.normalize("NFC", value.strip())  # one stored form for one visible text
     if not text:
         raise InvalidInput(f"the {label} is empty")
     if len(text) > limit:

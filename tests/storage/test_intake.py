@@ -76,6 +76,12 @@ def test_valid_correction_is_normalised():
         ({"target": "Eng\nlish"}, "the target contains a control character (U+000A) at character 4"),
         ({"target": "Eng\u202elish"}, "the target contains a control character (U+202E) at character 4"),
         ({"target": 7}, "the target must be a string, not a number"),
+        ({"target": "Eng\u200blish"}, "the target contains an invisible format character (U+200B) at character 4"),
+        (
+            {"subject": "Danielle\udcffDarrieux"},
+            "the subject contains a lone surrogate (U+DCFF) at character 9, which is not Unicode text "
+            "(undecodable input?)",
+        ),
     ],
 )
 def test_bad_fields_are_rejected_with_a_reason(fields, message):
@@ -83,6 +89,12 @@ def test_bad_fields_are_rejected_with_a_reason(fields, message):
     with pytest.raises(InvalidInput) as caught:
         make_correction(record["prompt"], record["subject"], record["target"])
     assert str(caught.value) == message
+
+
+def test_text_is_stored_in_one_unicode_form_and_joiners_are_kept():
+    composed, decomposed = "Caf\u00e9", "Cafe\u0301"
+    assert make_correction("{} is in", decomposed, "Paris").subject == composed
+    assert make_correction("{} is", "s", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645").target.count("\u200c") == 1
 
 
 def test_prompt_of_exactly_1000_characters_is_accepted():
