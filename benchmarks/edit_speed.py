@@ -12,7 +12,8 @@ steps and whether each edit holds afterwards, so that a faster variant that edit
 
 Variants (``--variants``) name a method and a change to its tuned file in benchmarks/hparams:
 ``alphaedit:nocache`` plans without the prefix cache, ``metake:cached`` applies MetaKE's virtual
-update only from the subject on (``[outer] cache_prefix``).
+update only from the subject on (``[outer] cache_prefix``), ``:bf16`` plans under bfloat16
+autocast (``plan_dtype``); suffixes combine with ``+``.
 """
 
 from __future__ import annotations
@@ -40,14 +41,17 @@ CHANGES: dict[str, dict[str, Any]] = {
     "": {},
     "nocache": {"upstream": {"cache_prefix": False}, "outer": {"cache_prefix": False}},
     "cached": {"upstream": {"cache_prefix": True}, "outer": {"cache_prefix": True}},
+    "bf16": {"plan_dtype": "bfloat16"},
 }
-"""What a variant's suffix changes in the method's tuned hyperparameters."""
+"""What a variant's suffix changes in the method's tuned hyperparameters (``metake:cached+bf16``)."""
 
 
 def variant_hparams(name: str, hparams_dir: Path) -> EditHyperParams:
-    method, _, suffix = name.partition(":")
-    path = hparams_dir / f"{method}.toml"
-    return EditHyperParams.from_file(path).with_changes(**CHANGES[suffix])
+    method, _, suffixes = name.partition(":")
+    hparams = EditHyperParams.from_file(hparams_dir / f"{method}.toml")
+    for suffix in suffixes.split("+"):
+        hparams = hparams.with_changes(**CHANGES[suffix])
+    return hparams
 
 
 def time_batches(

@@ -92,6 +92,7 @@ class Editor:
         device = loaded.device
         self._c0 = {layer: s.mean.to(device) for layer, s in self.stats.items()}
         self._projector = {layer: p.matrix.to(device) for layer, p in self.projectors.items()}
+        self._plan_dtype = None if hparams.plan_dtype == "float32" else getattr(torch, hparams.plan_dtype)
 
     @property
     def key_width(self) -> int:
@@ -222,6 +223,7 @@ class Editor:
                 steps_after_success=up.steps_after_success,
                 kl_weight=up.kl_factor,
                 replay_upto=last,
+                compute_dtype=self._plan_dtype,
             )
             delta, upstream_steps = upstream.delta, upstream.steps
             lap("upstream")
@@ -301,6 +303,7 @@ class Editor:
             kl_weight=outer.beta,
             margin=outer.target_margin,
             replay_upto=layer - 1,
+            compute_dtype=self._plan_dtype,
         )
         return result.delta, result.steps
 

@@ -16,6 +16,8 @@ from typing import Any
 from engine.architecture import FAMILY_OF_MODEL_TYPE, ArchitectureSpec
 from engine.methods import METHODS, Method
 
+PLAN_DTYPES = ("float32", "bfloat16")
+
 
 @dataclass(frozen=True)
 class UpstreamParams:
@@ -97,10 +99,15 @@ class EditHyperParams:
     stats: StatsParams = field(default_factory=StatsParams)
     architecture: ArchitectureSpec | None = None
     seed: int = 0
+    plan_dtype: str = "float32"
+    """Precision of the planning steps' forward passes (``float32`` or ``bfloat16`` under autocast);
+    the weights, the statistics and the solve keep their own precision."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.plan_dtype not in PLAN_DTYPES:
+            raise ValueError(f"unknown plan_dtype {self.plan_dtype!r}; choose one of {', '.join(PLAN_DTYPES)}")
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be a non-empty increasing list, got {list(self.layers)}")
 

@@ -144,13 +144,15 @@ def optimise_plan(
     kl_weight: float,
     margin: float = 0.0,
     replay_upto: int | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> PlanResult:
     """Adam on ``delta`` with per-request early stopping once its targets are the top prediction.
 
     A request counts as done ``steps_after_success`` steps after all its target tokens, on all
     its prompts, are the most likely next tokens; done requests are frozen, and the loop ends
     when every request is done or after ``max_steps``. Blocks ``0..replay_upto``, which ``delta``
-    cannot influence, are run once and replayed.
+    cannot influence, are run once and replayed. ``compute_dtype`` (e.g. bfloat16) runs each
+    step's forward under autocast; ``delta``, the losses and the optimiser stay float32.
     """
     replay = (
         replay_lower_layers(loaded.model, loaded.spec.layers, replay_upto, **pb.step_inputs())
@@ -175,7 +177,7 @@ def optimise_plan(
         nll_r = torch.zeros(u)
         succeeded = [False] * u
         for _ in range(max_steps + 1):
-            with inject(delta):
+            with inject(delta), autocast(loaded, compute_dtype):
                 at_targets, at_last = batch_logits(loaded.model, batch, pb.step_inputs())
             row_nll = -per_row_sum(target_logprobs(at_targets, batch), batch.target_rows, n_rows) / token_count.clamp(
                 min=1
@@ -215,6 +217,13 @@ def optimise_plan(
                 if not done[r]:
                     steps[r] += 1
         return PlanResult(delta.detach(), steps, nll_r.detach().cpu().tolist(), succeeded)
+
+
+def autocast(loaded: LoadedModel, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
+    """Autocast to ``dtype`` on the model's device, or nothing when ``dtype`` is None."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=loaded.device.type, dtype=dtype)
 
 
 def residual_injector(loaded: LoadedModel, pb: PlanBatch, layer: int) -> Injector:

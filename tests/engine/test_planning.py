@@ -20,7 +20,7 @@ from engine.prefix_cache import split_points
 from engine.scoring import batch_logits
 
 
-def _plan(tiny, tiny_dirs, replay, max_steps=6, cache=False):
+def _plan(tiny, tiny_dirs, replay, max_steps=6, cache=False, compute_dtype=None):
     editor = Editor(tiny, tiny_hparams(tiny_dirs["corpus"], "alphaedit"))
     state = editor.new_state()
     encoded = [encode_request(tiny, r, state.prefixes, i) for i, r in enumerate(REQUESTS[:2])]
@@ -43,6 +43,7 @@ def _plan(tiny, tiny_dirs, replay, max_steps=6, cache=False):
             steps_after_success=2,
             kl_weight=0.0625,
             replay_upto=2 if replay else None,
+            compute_dtype=compute_dtype,
         ),
     )
 
@@ -115,3 +116,13 @@ def test_cached_virtual_update_edits_only_from_the_subject_on(tiny, tiny_dirs):
     for a, b in zip(masked, stepped, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(everywhere[0], stepped[0], atol=1e-3)  # the approximation is not the model
+
+
+def test_bfloat16_planning_finds_about_the_same_plan(tiny, tiny_dirs):
+    """``plan_dtype = "bfloat16"``: steps under autocast, with the float32 prefix cache, stay close."""
+    _, _, full = _plan(tiny, tiny_dirs, replay=True, cache=True)
+    _, _, half = _plan(tiny, tiny_dirs, replay=True, cache=True, compute_dtype=torch.bfloat16)
+    assert half.delta.dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity(full.delta, half.delta, dim=1)
+    assert bool((cosine > 0.95).all()), cosine
+    assert not torch.equal(full.delta, half.delta)  # it did run in another precision

@@ -124,6 +124,8 @@ def test_hyperparameters_load_from_file_and_reject_unknown_keys(tmp_path):
         EditHyperParams.from_file(path)
     with pytest.raises(ValueError, match="unknown method 'rome'"):
         EditHyperParams(layers=(1,), method="rome")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown plan_dtype 'float8'; choose one of float32, bfloat16"):
+        EditHyperParams(layers=(1,), plan_dtype="float8")
 
 
 def test_family_defaults():
