@@ -310,6 +310,47 @@ def read_corrections_file(path: Path, default_priority: int = 0) -> ParsedFile:
         raise InvalidInput(f"{path}: {error}") from error
 
 
+class _Refused(ValueError):
+    """Valid JSON syntax that is still refused: a repeated key, or nesting too deep to decode."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
+            raise _Refused(f"the key {key!r} appears twice in one object")
+        record[key] = value
+    return record
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
+def _decode(text: str, position: int = 0) -> tuple[Any, int]:
+    """``raw_decode`` that refuses repeated keys (JSON lets the last win silently) and deep nesting."""
+    try:
+        return _DECODER.raw_decode(text, position)
+    except RecursionError as error:
+        raise _Refused("the JSON is nested too deeply") from error
+
+
+def _loads(text: str) -> Any:
+    value, end = _decode(text, _skip_space(text, 0))
+    if text[end:].strip():
+        raise json.JSONDecodeError("Extra data", text, _skip_space(text, end))
+    return value
+
+
+def _is_one_object(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    except RecursionError:
+        return True
+    return True
+
+
 def _records(text: str) -> Iterator[tuple[int, Any]]:
     """(line number, decoded record or RecordError) for each record of the text."""
     stripped = text.lstrip()
@@ -317,25 +358,31 @@ def _records(text: str) -> Iterator[tuple[int, Any]]:
         yield from _json_list_items(text)
         return
     if stripped.startswith("{"):
+        first = text[: len(text) - len(stripped)].count("\n") + 1
         try:
-            whole = json.loads(text)
+            whole = _loads(text)
         except json.JSONDecodeError:
             pass  # not one object: JSON Lines
+        except _Refused as error:
+            if _is_one_object(text):  # else JSON Lines, refused line by line below
+                yield first, RecordError(first, str(error))
+                return
         else:
-            yield text[: len(text) - len(stripped)].count("\n") + 1, whole
+            yield first, whole
             return
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            yield number, _loads(line)
         except json.JSONDecodeError as error:
             yield number, RecordError(number, f"malformed JSON: {error.msg} (column {error.colno})")
+        except _Refused as error:
+            yield number, RecordError(number, str(error))
 
 
 def _json_list_items(text: str) -> Iterator[tuple[int, Any]]:
     """Decode a top-level JSON list element by element, keeping each element's line number."""
-    decoder = json.JSONDecoder()
     position = _skip_space(text, text.index("[") + 1)
     line, counted_to = 1, 0
 
@@ -354,9 +401,11 @@ def _json_list_items(text: str) -> Iterator[tuple[int, Any]]:
         return
     while True:
         try:
-            value, end = decoder.raw_decode(text, position)
+            value, end = _decode(text, position)
         except json.JSONDecodeError as error:
             raise InvalidInput(f"line {error.lineno}: malformed JSON: {error.msg} (column {error.colno})") from error
+        except _Refused as error:
+            raise InvalidInput(f"line {line_at(position)}: {error}") from error
         yield line_at(position), value
         position = _skip_space(text, end)
         if position >= len(text):

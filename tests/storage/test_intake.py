@@ -237,3 +237,27 @@ def test_the_counterfact_excerpt_parses_completely(test_data):
         assert correction.prompt.replace("{}", correction.subject) == record["prompt"]
         assert (correction.target, correction.original_answer) == (record["target_new"], record["ground_truth"])
         assert correction.source == f"counterfact:{record['case_id']}"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ('{"prompt": "{} is", "subject": "s", "target": "a", "target": "b"}\n', 1, "the key 'target' appears twice"),
+        (
+            '{"prompt": "{} is", "subject": "s", "target": "a"}\n{"prompt": "{} is", "prompt": "{} was"}\n',
+            2,
+            "the key 'prompt' appears twice",
+        ),
+        ('{\n "prompt": "{} is",\n "subject": "s",\n "subject": "t",\n "target": "a"\n}\n', 1, "'subject' appears"),
+        ("[" * 100_000 + "]" * 100_000, None, "the JSON is nested too deeply"),
+        ('{"a": ' * 100_000 + "1" + "}" * 100_000, 1, "the JSON is nested too deeply"),
+    ],
+)
+def test_repeated_keys_and_deep_nesting_are_refused_with_their_line(text, line, message):
+    """Python's json lets the last of two keys win silently and overflows the stack on deep nesting."""
+    try:
+        parsed = parse_corrections_text(text)
+    except InvalidInput as error:  # a JSON list is refused as a whole
+        assert line is None and message in str(error) and str(error).startswith("line 1: ")
+        return
+    assert [(e.line, message in e.reason) for e in parsed.errors] == [(line, True)]
