@@ -157,10 +157,22 @@ def write_checkpoint(root: Path, relative_path: str, contents: CheckpointContent
     return WrittenFile(relative_path, sha256, size)
 
 
-def delete_files(root: Path, relative_paths: list[str]) -> None:
-    """Delete checkpoint files (pruned ones, or one whose transaction did not commit)."""
+def delete_files(root: Path, relative_paths: list[str]) -> list[str]:
+    """Delete checkpoint files (pruned ones, or one whose transaction did not commit).
+
+    The paths come from database rows, which someone with database access can rewrite; a path
+    that leads outside ``root`` (``../``, an absolute path, a symlinked folder) is not deleted
+    but returned, for the caller to report.
+    """
+    inside = root.resolve()
+    refused = []
     for relative in relative_paths:
-        (root / relative).unlink(missing_ok=True)
+        path = (root / relative).resolve()
+        if not path.is_relative_to(inside) or path == inside:
+            refused.append(relative)
+            continue
+        path.unlink(missing_ok=True)
+    return refused
 
 
 def verify_file(path: Path, expected_sha256: str, label: str) -> None:

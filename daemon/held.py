@@ -224,6 +224,8 @@ class HeldModel:
         return prune(session, self.identity, self.settings.retention, self.actor)
 
     def delete_pruned(self, paths: list[str]) -> None:
-        delete_files(self.store.home.checkpoints_dir, paths)
-        if paths:
-            self.event(logging.INFO, "checkpoints_pruned", files=len(paths))
+        refused = delete_files(self.store.home.checkpoints_dir, paths)
+        for path in refused:
+            self.event(logging.WARNING, "prune_refused", path=path, reason="outside the checkpoints folder")
+        if len(paths) > len(refused):
+            self.event(logging.INFO, "checkpoints_pruned", files=len(paths) - len(refused))

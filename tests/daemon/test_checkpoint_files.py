@@ -1,4 +1,5 @@
-"""Checkpoint files: a bitwise round trip, tampering detected, files no row keeps removed."""
+"""Checkpoint files: a bitwise round trip, tampering detected, files no row keeps removed, deletion
+confined to the checkpoints folder."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from daemon.checkpoint_files import (
     CheckpointContents,
     CheckpointFileError,
+    delete_files,
     read_checkpoint,
     remove_unlisted,
     tensors_sha256,
@@ -52,3 +54,17 @@ def test_files_no_row_keeps_are_removed(tmp_path):
     removed = remove_unlisted(folder, {"m/kept.safetensors"}, tmp_path)
     assert sorted(p.name for p in removed) == [".orphan.safetensors.x.tmp", "orphan.safetensors"]
     assert sorted(p.name for p in folder.iterdir()) == ["kept.safetensors", "notes.txt"]
+
+
+def test_deleting_never_leaves_the_checkpoints_folder(tmp_path):
+    """A rewritten row path (``../``, absolute, through a symlink) must not delete files elsewhere."""
+    root = tmp_path / "checkpoints"
+    (root / "m").mkdir(parents=True)
+    (root / "m" / "a.safetensors").write_text("x")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (root / "m" / "link").symlink_to(tmp_path)
+    paths = ["m/a.safetensors", "../victim.txt", str(victim), "m/link/victim.txt", "."]
+    assert delete_files(root, paths) == ["../victim.txt", str(victim), "m/link/victim.txt", "."]
+    assert victim.read_text() == "keep me"
+    assert not (root / "m" / "a.safetensors").exists()
