@@ -10,6 +10,7 @@ Every command except ``init`` and ``db upgrade`` opens the store through
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -76,6 +77,23 @@ class MetakeGroup(click.Group):
             raise OneLineUsageError(error.format_message()) from error
 
 
+class Umask(click.ParamType):
+    """An octal file mode mask such as 077 or 0022."""
+
+    name = "OCTAL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            mask = int(str(value), 8)
+        except ValueError:
+            mask = -1
+        if not 0 <= mask <= 0o777:
+            self.fail(f"{value!r} is not an octal mask between 000 and 777", param, ctx)
+        return mask
+
+
 class IsoTime(click.ParamType):
     """An ISO 8601 date or time; without a zone it is taken as UTC."""
 
@@ -132,10 +150,19 @@ def _minute(at: datetime | None) -> str:
     metavar="URL",
     help="SQLAlchemy database URL [default: $METAKE_DB_URL, else metake.sqlite3 in the data home].",
 )
+@click.option(
+    "--umask",
+    type=Umask(),
+    default="077",
+    show_default=True,
+    help="File mode mask for what metake creates (the home, the database, checkpoints); 077: owner only.",
+)
 @click.version_option(package_name="metake-daemon")
 @click.pass_context
-def main(ctx: click.Context, home: str | None, db_url: str | None) -> None:
+def main(ctx: click.Context, home: str | None, db_url: str | None, umask: int) -> None:
     """Keep a language model's facts corrected: queue, apply and audit fact corrections."""
+    previous = os.umask(umask)
+    ctx.call_on_close(lambda: os.umask(previous))
     store = StoreContext.resolve(home, db_url)
     ctx.obj = store
     ctx.call_on_close(store.close)

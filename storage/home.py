@@ -12,6 +12,8 @@ from pathlib import Path
 
 import platformdirs
 
+from storage.errors import InvalidInput
+
 HOME_ENV = "METAKE_HOME"
 DB_URL_ENV = "METAKE_DB_URL"
 APP_NAME = "metake-daemon"
@@ -43,7 +45,10 @@ class DataHome:
     def create(self) -> None:
         """Make the home and its subdirectories; safe to call again."""
         for path in (self.root, self.models_dir, self.stats_dir, self.checkpoints_dir):
-            path.mkdir(parents=True, exist_ok=True)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as error:  # a file in the way, a read-only filesystem, no permission
+                raise InvalidInput(f"cannot create the data home folder {path}: {error.strerror or error}") from error
 
     def sqlite_url(self) -> str:
         return f"sqlite:///{self.db_path}"

@@ -7,6 +7,8 @@ aside), exit non-zero, and leave every table as it was.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -419,6 +421,30 @@ def test_unreachable_database_hides_the_password(tmp_path):
     assert result.stderr.startswith("Error: cannot reach database postgresql+psycopg://metake:***@127.0.0.1:1/metake: ")
     assert len(result.stderr.splitlines()) == 1
     assert "s3cret-pw" not in result.output
+
+
+def test_the_home_and_database_are_owner_only_unless_umask_says_otherwise(tmp_path):
+    before = os.umask(0o022)
+    try:
+        private, shared = tmp_path / "private", tmp_path / "shared"
+        assert CliRunner().invoke(main, ["--home", str(private), "init"]).exit_code == 0
+        assert CliRunner().invoke(main, ["--home", str(shared), "--umask", "022", "init"]).exit_code == 0
+        assert os.umask(0o022) == 0o022  # the command gave the process its mask back
+    finally:
+        os.umask(before)
+    for home, folder, file in ((private, 0o700, 0o600), (shared, 0o755, 0o644)):
+        assert {stat.S_IMODE(p.stat().st_mode) for p in home.iterdir() if p.is_dir()} | {
+            stat.S_IMODE(home.stat().st_mode)
+        } == {folder}
+        assert stat.S_IMODE((home / "metake.sqlite3").stat().st_mode) == file
+
+
+def test_a_home_that_cannot_be_made_is_one_line(tmp_path):
+    blocker = tmp_path / "home"
+    blocker.write_text("a file, not a folder")
+    result = CliRunner().invoke(main, ["--home", str(blocker), "init"])
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: cannot create the data home folder {blocker}: File exists\n"
 
 
 def test_a_port_that_is_not_a_number_is_one_line(tmp_path):
