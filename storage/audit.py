@@ -19,9 +19,10 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Row, func, select
+from sqlalchemy import Row, Text, cast, func, select
 from sqlalchemy.orm import Session
 
 from storage.models import AuditEvent
@@ -68,7 +69,7 @@ def _canonical_time(at: datetime) -> str:
     return at.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-def event_hash(event: AuditEvent | Row[Any]) -> str:
+def event_hash(event: AuditEvent | Row[Any] | SimpleNamespace) -> str:
     """sha256 over the canonical JSON of the event's contents, including prev_hash."""
     content = {
         "id": event.id,
@@ -130,9 +131,18 @@ def verify_chain(session: Session) -> ChainBreak | None:
     expected_id, expected_prev = 1, GENESIS_HASH
     # Plain rows, not ORM objects: objects already in the session would hide the stored values.
     table = AuditEvent.__table__
-    query = select(table).order_by(table.c.id).execution_options(yield_per=1000)
-    with session.execute(query) as events:  # closes the server-side cursor on an early return
-        for event in events:
+    # The payload is read as text and parsed here: a row rewritten with a payload that is not JSON
+    # is then a break of the chain at that row, not an error while fetching it.
+    columns = [c for c in table.c if c.name != "payload"] + [cast(table.c.payload, Text).label("payload_text")]
+    query = select(*columns).order_by(table.c.id).execution_options(yield_per=1000)
+    with session.execute(query) as rows:  # closes the server-side cursor on an early return
+        for row in rows:
+            fields = dict(row._mapping)
+            try:
+                fields["payload"] = json.loads(fields.pop("payload_text"))
+            except (TypeError, ValueError):
+                return ChainBreak(row.id, "its payload is not JSON (the row was altered)")
+            event = SimpleNamespace(**fields)
             if event.id != expected_id:
                 return ChainBreak(event.id, f"expected event {expected_id} here; events are missing")
             if event.prev_hash != expected_prev:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import sqlalchemy.exc
 from sqlalchemy import select, text
 
 from storage.audit import GENESIS_HASH, append_event, event_hash, verify_chain
@@ -109,4 +110,20 @@ def test_altered_payload_is_detected(sessions, engine, metake):
     assert (result.exit_code, result.stderr) == (
         1,
         "Error: audit chain broken at event 1: its contents do not match its hash (the row was altered)\n",
+    )
+
+
+def test_a_payload_that_is_not_json_is_a_break_not_a_traceback(sessions, engine, metake):
+    """Only SQLite can hold it (PostgreSQL's json type refuses the update), so only it is tampered."""
+    fill(sessions)
+    if engine.dialect.name != "sqlite":
+        with pytest.raises(sqlalchemy.exc.DataError), engine.begin() as connection:
+            connection.execute(text("UPDATE audit_events SET payload = 'not json' WHERE id = 2"))
+        return
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE audit_events SET payload = 'not json' WHERE id = 2"))
+    result = metake("audit", "verify")
+    assert (result.exit_code, result.stderr) == (
+        1,
+        "Error: audit chain broken at event 2: its payload is not JSON (the row was altered)\n",
     )
