@@ -323,7 +323,7 @@ def queue(store: StoreContext, statuses: tuple[str, ...], as_json: bool) -> None
         CorrectionStatus.PENDING,
         CorrectionStatus.APPLYING,
     ]
-    with store.sessions().begin() as session:
+    with store.read_sessions().begin() as session:
         corrections = queued_corrections(session, wanted)
         if as_json:
             print_json([correction_to_dict(c) for c in corrections])
@@ -349,7 +349,7 @@ def history(
     as_json: bool,
 ) -> None:
     """List all corrections ever submitted, oldest first."""
-    with store.sessions().begin() as session:
+    with store.read_sessions().begin() as session:
         corrections = correction_history(
             session,
             subject=subject,
@@ -376,7 +376,7 @@ def history(
 @click.pass_obj
 def show(store: StoreContext, correction_id: int, as_json: bool) -> None:
     """Show one correction with its audit story, edit and metrics."""
-    with store.sessions().begin() as session:
+    with store.read_sessions().begin() as session:
         story = correction_story(session, correction_id)
         if as_json:
             record = correction_to_dict(story.correction)
@@ -439,7 +439,7 @@ def checkpoints(store: StoreContext, as_json: bool) -> None:
 
     Pruned checkpoints keep their row (and hash) but no longer their file.
     """
-    with store.sessions().begin() as session:
+    with store.read_sessions().begin() as session:
         rows = all_checkpoints(session)
         if as_json:
             print_json([checkpoint_to_dict(c) for c in rows])
@@ -472,7 +472,7 @@ def audit() -> None:
 @click.pass_obj
 def audit_verify(store: StoreContext, as_json: bool) -> None:
     """Walk the audit hash chain; exit 1 naming the first bad event if it is broken."""
-    with store.sessions().begin() as session:
+    with store.read_sessions().begin() as session:
         broken = verify_chain(session)
         count = event_count(session)
     if as_json:

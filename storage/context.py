@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.db import display_url, make_engine, require_current_revision, session_factory, upgrade
+from storage.db import display_url, make_engine, read_only, require_current_revision, session_factory, upgrade
 from storage.home import DataHome, resolve_db_url, resolve_home
 
 
@@ -44,6 +44,12 @@ class StoreContext:
         engine = self.engine()
         require_current_revision(engine)
         return session_factory(engine)
+
+    def read_sessions(self) -> sessionmaker[Session]:
+        """Like :meth:`sessions`, for commands that only read: they never wait for a writer."""
+        engine = self.engine()
+        require_current_revision(engine)
+        return session_factory(read_only(engine))
 
     def initialise(self) -> None:
         """Create the data home and bring the database schema to the newest revision."""

@@ -30,6 +30,7 @@ Sessions = sessionmaker[Session]
 SQLITE_BUSY_TIMEOUT_S = 30.0
 PG_CONNECT_TIMEOUT_S = 10
 UPGRADE_HINT = "run `metake db upgrade`"
+READ_ONLY_OPTION = "metake_read_only"
 
 
 def display_url(url: str | URL) -> str:
@@ -82,7 +83,19 @@ def _serialise_sqlite(engine: Engine, *, foreign_keys: bool) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the write lock up front (no lock upgrade deadlocks); readers begin deferred
+        # and, under WAL, read a snapshot without waiting for a writer or making one wait.
+        read_only = connection.get_execution_options().get(READ_ONLY_OPTION, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def read_only(engine: Engine) -> Engine:
+    """The same engine for transactions that only read: SQLite begins them without the write lock,
+    PostgreSQL runs them READ ONLY (a write in one is an error, not a silent change)."""
+    options: dict[str, Any] = {READ_ONLY_OPTION: True}
+    if engine.dialect.name == "postgresql":
+        options["postgresql_readonly"] = True
+    return engine.execution_options(**options)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -128,7 +141,7 @@ def head_revisions() -> tuple[str, ...]:
 
 def current_revisions(engine: Engine) -> tuple[str, ...]:
     """The revisions stamped in the database; empty for a database without the schema."""
-    with connect(engine) as connection:
+    with connect(read_only(engine)) as connection:
         return tuple(MigrationContext.configure(connection).get_current_heads())
 
 

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import stat
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import sqlalchemy
+import sqlalchemy.exc
 from click.testing import CliRunner
 from sqlalchemy import update
 
 from cli import main
+from storage.db import read_only
 from storage.models import Checkpoint, Correction, Edit, Metric, Phase
 from storage.queue import claim_batch, mark_applied
 
@@ -345,6 +350,30 @@ def test_ids_beyond_a_database_integer_are_one_line(metake, row_counts):
     one_line_error(metake("show", too_big), f"Invalid value for 'ID': {too_big} {limit}", 2)
     one_line_error(metake("revert", too_big), f"Invalid value for 'CHECKPOINT_ID': {too_big} {limit}", 2)
     assert row_counts() == NOTHING
+
+
+def test_readers_are_not_held_up_by_a_writer(metake, engine):
+    """SQLite: queue, history, show, checkpoints and audit verify answer while another connection
+    holds the write lock (they used to wait 30 s for it and fail); PostgreSQL: they run READ ONLY."""
+    new_id = submit_ok(metake, *DARRIEUX, "--target", "English")
+    if engine.dialect.name == "postgresql":
+        refused = pytest.raises(sqlalchemy.exc.InternalError, match="read-only transaction")
+        with refused, read_only(engine).begin() as connection:
+            connection.execute(sqlalchemy.text("UPDATE corrections SET priority = 1"))
+        return
+    writer = sqlite3.connect(engine.url.database, isolation_level=None, timeout=0)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("UPDATE corrections SET priority = 7")
+        began = time.monotonic()
+        for args in (("queue",), ("history",), ("show", str(new_id)), ("checkpoints",), ("audit", "verify")):
+            result = metake(*args)
+            assert result.exit_code == 0, (args, result.output)
+        assert time.monotonic() - began < 10  # not one busy timeout (30 s)
+        assert json.loads(metake("queue", "--json").stdout)[0]["priority"] == 0  # the committed snapshot
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
 
 
 def test_unreadable_file(metake, row_counts, tmp_path):
