@@ -21,7 +21,8 @@ import click
 
 from daemon.commands import COMMANDS
 from evaluation.commands import bench
-from storage.audit import event_count, verify_chain
+from storage.audit import ChainBreak, ChainHead, chain_head, check_head, event_count, verify_chain
+from storage.audit_rows import verify_rows
 from storage.checkpoints import all_checkpoints
 from storage.context import StoreContext
 from storage.db import current_revisions
@@ -467,28 +468,78 @@ def audit() -> None:
     """Check the audit log."""
 
 
+@audit.command("head")
+@click.pass_obj
+def audit_head(store: StoreContext) -> None:
+    """Print the chain's newest event and hash as JSON, to keep outside the database.
+
+    `metake audit verify --head FILE` later shows that no event up to it was removed or rewritten.
+    """
+    with store.read_sessions().begin() as session:
+        head = chain_head(session)
+    if head is None:
+        raise click.ClickException("the audit chain is empty; there is no head to record")
+    click.echo(json.dumps({"event": head.event_id, "hash": head.hash}))
+
+
+def _read_head(path: Path) -> ChainHead:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return ChainHead(int(data["event"]), str(data["hash"]))
+    except OSError as error:
+        raise InvalidInput(f"cannot read {path}: {error.strerror or error}") from error
+    except (ValueError, TypeError, KeyError) as error:
+        raise InvalidInput(f"{path} is not a head written by `metake audit head`") from error
+
+
 @audit.command("verify")
+@click.option(
+    "--head",
+    "head_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A head written earlier by `metake audit head`: also check that the chain still holds it.",
+)
 @json_option
 @click.pass_obj
-def audit_verify(store: StoreContext, as_json: bool) -> None:
-    """Walk the audit hash chain; exit 1 naming the first bad event if it is broken."""
+def audit_verify(store: StoreContext, head_file: Path | None, as_json: bool) -> None:
+    """Walk the audit hash chain, then check every correction and checkpoint row against its events.
+
+    Exits 1 naming the first bad event, or the first row that differs from what its events recorded.
+    """
+    head = _read_head(head_file) if head_file is not None else None
     with store.read_sessions().begin() as session:
         broken = verify_chain(session)
+        if broken is None and head is not None:
+            lost = check_head(session, head)
+            broken = ChainBreak(head.event_id, lost) if lost else None
         count = event_count(session)
+        rows = verify_rows(session) if broken is None else None
+    mismatch = rows.mismatch if rows is not None else None
     if as_json:
         result: dict[str, Any] = {
-            "ok": broken is None,
+            "ok": broken is None and mismatch is None,
             "events": count,
             "first_bad_event": None,
             "reason": None,
+            "corrections": rows.corrections if rows else None,
+            "checkpoints": rows.checkpoints if rows else None,
+            "first_bad_row": None,
         }
         if broken is not None:
             result |= {"first_bad_event": broken.event_id, "reason": broken.reason}
+        if mismatch is not None:
+            result |= {"first_bad_row": {"table": mismatch.table, "id": mismatch.row_id}, "reason": mismatch.reason}
         print_json([result])
     if broken is not None:
         raise click.ClickException(f"audit chain broken at event {broken.event_id}: {broken.reason}")
-    if not as_json:
+    if mismatch is not None:
+        where = f"{mismatch.table.removesuffix('s')} {mismatch.row_id}"
+        raise click.ClickException(f"audit chain verified, but {where} does not match its events: {mismatch.reason}")
+    if not as_json and rows is not None:
         click.echo(f"audit chain verified: {count} events")
+        click.echo(f"rows match their events: {rows.corrections} corrections, {rows.checkpoints} checkpoints")
+        if head is not None:
+            click.echo(f"the recorded head, event {head.event_id}, is in the chain")
 
 
 for _command in (*COMMANDS, bench):

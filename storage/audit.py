@@ -7,8 +7,8 @@ SQLite transactions already hold the database write lock from BEGIN (see storage
 assigned ids are consecutive, and the primary key would reject a fork even if the lock were
 bypassed.
 
-Deleting the newest events leaves a valid shorter chain; record the head hash elsewhere (e.g.
-in a checkpoint manifest) to detect that.
+Deleting the newest events leaves a valid shorter chain, and whoever can write the database can
+recompute every hash: keep a head (``metake audit head``) outside the database to detect both.
 """
 
 from __future__ import annotations
@@ -150,6 +150,35 @@ def verify_chain(session: Session) -> ChainBreak | None:
             if event_hash(event) != event.hash:
                 return ChainBreak(event.id, "its contents do not match its hash (the row was altered)")
             expected_id, expected_prev = event.id + 1, event.hash
+    return None
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    """The newest event's id and hash: kept outside the database, it pins the chain up to there."""
+
+    event_id: int
+    hash: str
+
+
+def chain_head(session: Session) -> ChainHead | None:
+    newest = session.execute(select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)).first()
+    return ChainHead(newest.id, newest.hash) if newest is not None else None
+
+
+def check_head(session: Session, head: ChainHead) -> str | None:
+    """Why the chain does not contain ``head`` (removed or rewritten events), or None if it does.
+
+    Run ``verify_chain`` too: together they show that every event up to ``head`` is the one that
+    was there when the head was recorded, which the chain alone cannot show for its newest events.
+    """
+    stored = session.scalar(select(AuditEvent.hash).where(AuditEvent.id == head.event_id))
+    if stored is None:
+        newest = chain_head(session)
+        ends = f"ends at event {newest.event_id}" if newest else "is empty"
+        return f"the chain {ends}, before the recorded head {head.event_id} (events were removed)"
+    if stored != head.hash:
+        return f"event {head.event_id} is not the one recorded as the head (the chain was rewritten)"
     return None
 
 

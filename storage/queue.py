@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from storage.audit import AuditKind, append_event
+from storage.audit_rows import submitted_payload
 from storage.errors import InvalidTransition
 from storage.intake import CorrectionInput
 from storage.models import Correction, CorrectionStatus, DaemonLease
@@ -69,10 +70,7 @@ def submit(session: Session, correction: CorrectionInput, submitter: str) -> int
     )
     session.add(row)
     session.flush()
-    payload = {"target": row.target, "priority": row.priority}
-    if row.source is not None:
-        payload["source"] = row.source
-    append_event(session, AuditKind.SUBMITTED, actor=submitter, correction_id=row.id, payload=payload)
+    append_event(session, AuditKind.SUBMITTED, actor=submitter, correction_id=row.id, payload=submitted_payload(row))
     for old in older:
         old.status = CorrectionStatus.SUPERSEDED
         old.superseded_by = row.id

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from sqlalchemy import update
 
 from cli import main
+from storage.checkpoints import audit_checkpoint
 from storage.db import read_only
 from storage.models import Checkpoint, Correction, Edit, Metric, Phase
 from storage.queue import claim_batch, mark_applied
@@ -166,9 +167,11 @@ def test_show_tells_the_whole_story_with_edit_and_metrics(metake, sessions):
             ]
         )
         mark_applied(session, batch, edit.id, worker="daemon-1")
+        audit_checkpoint(session, before, "daemon-1")
+        audit_checkpoint(session, after, "daemon-1", edit_id=edit.id)
     record = json.loads(metake("show", "1", "--json").stdout)[0]
     assert record["status"] == "applied"
-    assert [e["kind"] for e in record["events"]] == ["submitted", "claimed", "applied"]
+    assert [e["kind"] for e in record["events"]] == ["submitted", "claimed", "applied", "checkpoint_written"]
     assert (record["edit"]["layers"], record["edit"]["checkpoint_after_id"]) == ([3, 4, 5], 2)
     assert [(m["name"], m["phase"], m["value"]) for m in record["metrics"]] == [
         ("locality", "post", 0.99),
@@ -185,7 +188,9 @@ def test_show_tells_the_whole_story_with_edit_and_metrics(metake, sessions):
     ]
     second_row = metake("checkpoints").stdout.splitlines()[2].split()
     assert second_row[:2] + second_row[4:7] == ["2", "1", "100", "bbbbbbbbbbbb", "kept"]
-    assert metake("audit", "verify").stdout == "audit chain verified: 3 events\n"
+    assert metake("audit", "verify").stdout == (
+        "audit chain verified: 5 events\nrows match their events: 1 corrections, 2 checkpoints\n"
+    )
 
 
 def test_submit_file_json_lines_and_counterfact(metake, tmp_path):

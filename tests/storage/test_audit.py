@@ -9,8 +9,9 @@ import sqlalchemy.exc
 from sqlalchemy import select, text
 
 from storage.audit import GENESIS_HASH, append_event, event_hash, verify_chain
+from storage.checkpoints import audit_checkpoint
 from storage.intake import make_correction
-from storage.models import AuditEvent, Checkpoint
+from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus
 from storage.queue import claim_batch, submit_many
 
 
@@ -88,7 +89,7 @@ def test_orm_refuses_to_change_or_delete_events(sessions):
 )
 def test_tampering_is_detected_by_audit_verify(sessions, engine, metake, tamper, bad_event, reason):
     fill(sessions)
-    assert metake("audit", "verify").stdout == "audit chain verified: 6 events\n"
+    assert metake("audit", "verify").stdout.splitlines()[0] == "audit chain verified: 6 events"
     with engine.begin() as connection:
         connection.execute(text(tamper))
     result = metake("audit", "verify")
@@ -126,4 +127,153 @@ def test_a_payload_that_is_not_json_is_a_break_not_a_traceback(sessions, engine,
     assert (result.exit_code, result.stderr) == (
         1,
         "Error: audit chain broken at event 2: its payload is not JSON (the row was altered)\n",
+    )
+
+
+def fill_with_checkpoint(sessions) -> None:
+    fill(sessions)
+    with sessions.begin() as session:
+        checkpoint = Checkpoint(path="m/1.safetensors", sha256="ab" * 32, size_bytes=10, base_model="m")
+        session.add(checkpoint)
+        session.flush()
+        audit_checkpoint(session, checkpoint, "worker")
+
+
+def _forge(sessions) -> None:
+    with sessions.begin() as session:
+        original = session.get(Correction, 1)
+        session.add(
+            Correction(
+                prompt=original.prompt,
+                subject="Forged",
+                target="Rome",
+                submitter="alice",
+                submitted_at=original.submitted_at,
+                status=CorrectionStatus.PENDING,
+            )
+        )
+
+
+ROW_TAMPERING = [
+    (
+        "UPDATE corrections SET target = 'Berlin' WHERE id = 2",
+        "correction 2",
+        "its target differs from its submitted event",
+    ),
+    (
+        "UPDATE corrections SET priority = 9 WHERE id = 1",
+        "correction 1",
+        "its priority differs from its submitted event",
+    ),
+    ("UPDATE corrections SET submitter = 'mallory' WHERE id = 1", "correction 1", "its submitter differs"),
+    (
+        "UPDATE corrections SET status = 'applied' WHERE id = 3",
+        "correction 3",
+        "its status is applied, its events say applying",
+    ),
+    (
+        "DELETE FROM audit_events WHERE id = 7",
+        "checkpoint 1",
+        "it has no checkpoint_written event (the row was forged)",
+    ),
+    ("DELETE FROM audit_events WHERE id >= 6", "correction 3", "its status is applying, its events say pending"),
+    ("DELETE FROM audit_events", "correction 1", "it has no submitted event (the row was forged)"),
+    ("UPDATE checkpoints SET sha256 = '{}' WHERE id = 1".format("cd" * 32), "checkpoint 1", "its sha256 differs"),
+    (_forge, "correction 4", "it has no submitted event (the row was forged)"),
+]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "row", "reason"),
+    ROW_TAMPERING,
+    ids=[
+        "target",
+        "priority",
+        "submitter",
+        "status",
+        "checkpoint-event",
+        "newest-events",
+        "all-events",
+        "sha",
+        "forged",
+    ],
+)
+def test_rows_that_differ_from_their_events_are_found(sessions, engine, metake, tamper, row, reason):
+    """The chain alone passes all of these (what is left of it is intact); the row check does not."""
+    fill_with_checkpoint(sessions)
+    assert metake("audit", "verify").stdout.splitlines()[1] == "rows match their events: 3 corrections, 1 checkpoints"
+    if callable(tamper):
+        tamper(sessions)
+    else:
+        with engine.begin() as connection:
+            connection.execute(text(tamper))
+    with sessions() as session:
+        assert verify_chain(session) is None
+    result = metake("audit", "verify")
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: audit chain verified, but {row} does not match its events: {reason}")
+    assert len(result.stderr.splitlines()) == 1
+    as_json = json.loads(metake("audit", "verify", "--json").stdout)[0]
+    assert as_json["ok"] is False and as_json["first_bad_row"]["id"] == int(row.split()[1])
+
+
+def test_submitted_event_records_the_whole_correction(sessions):
+    correction = make_correction(
+        "The capital of {} is",
+        "France",
+        "Rome",
+        paraphrases=["France's capital is"],
+        neighbors=[{"prompt": "The capital of Spain is", "answer": "Madrid"}],
+        priority=3,
+        original_answer="Paris",
+    )
+    with sessions.begin() as session:
+        submit_many(session, [correction], "alice")
+    with sessions() as session:
+        event = session.scalars(select(AuditEvent)).one()
+    assert (event.kind, event.actor) == ("submitted", "alice")
+    assert event.payload == {
+        "prompt": "The capital of {} is",
+        "subject": "France",
+        "target": "Rome",
+        "original_answer": "Paris",
+        "paraphrases": ["France's capital is"],
+        "neighbors": [{"prompt": "The capital of Spain is", "answer": "Madrid"}],
+        "priority": 3,
+    }
+
+
+def test_a_recorded_head_finds_removed_and_rewritten_newest_events(sessions, engine, metake, tmp_path):
+    """Deleting the newest events, or rewriting them with fresh hashes, leaves a valid chain;
+    a head kept outside the database shows both."""
+    fill(sessions)
+    head = tmp_path / "head.json"
+    written = metake("audit", "head")
+    assert written.exit_code == 0
+    head.write_text(written.stdout)
+    assert json.loads(written.stdout)["event"] == 6
+    ok = metake("audit", "verify", "--head", str(head))
+    assert ok.stdout.splitlines()[-1] == "the recorded head, event 6, is in the chain"
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE corrections SET status = 'pending' WHERE id = 3"))
+        connection.execute(text("DELETE FROM audit_events WHERE id = 6"))
+    assert metake("audit", "verify", "--head", str(head)).stderr == (
+        "Error: audit chain broken at event 6: the chain ends at event 5, before the recorded head 6 "
+        "(events were removed)\n"
+    )
+    with sessions.begin() as session:  # the attacker re-appends a different event 6 with a valid hash
+        append_event(session, "claimed", actor="mallory", correction_id=3, payload={"attempt": 1})
+    with sessions() as session:
+        assert verify_chain(session) is None
+    assert metake("audit", "verify", "--head", str(head)).stderr == (
+        "Error: audit chain broken at event 6: event 6 is not the one recorded as the head (the chain was rewritten)\n"
+    )
+
+
+def test_a_head_file_that_is_not_one_is_one_line(metake, sessions, tmp_path):
+    fill(sessions)
+    bad = tmp_path / "head.json"
+    bad.write_text("{}")
+    assert metake("audit", "verify", "--head", str(bad)).stderr == (
+        f"Error: {bad} is not a head written by `metake audit head`\n"
     )

@@ -1,0 +1,154 @@
+"""The rows people read, checked against the audit events that made them.
+
+The hash chain (``storage.audit``) proves that the events were not changed. This proves that the
+rows the tools show still say what the events recorded: each correction's text and submitter
+against its ``submitted`` event, its status against its latest event, each checkpoint's file hash,
+size and parent against its ``checkpoint_written`` event and its pruned flag against a
+``checkpoint_pruned`` event. A row without the event that created it was forged; an event whose
+row is gone means the row was deleted.
+
+Submitted events written before the whole correction was recorded in them carry only the target
+and priority; for those rows only these are compared.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Text, cast, select
+from sqlalchemy.orm import Session
+
+from storage.audit import AuditKind
+from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus
+
+SUBMITTED_FIELDS = ("prompt", "subject", "target", "original_answer", "paraphrases", "neighbors", "priority", "source")
+"""What a ``submitted`` event records of its correction (besides the submitter, its actor)."""
+
+_STATUS_AFTER = {
+    AuditKind.SUBMITTED: CorrectionStatus.PENDING,
+    AuditKind.SUPERSEDED: CorrectionStatus.SUPERSEDED,
+    AuditKind.CLAIMED: CorrectionStatus.APPLYING,
+    AuditKind.RELEASED: CorrectionStatus.PENDING,
+    AuditKind.APPLIED: CorrectionStatus.APPLIED,
+    AuditKind.REJECTED: CorrectionStatus.REJECTED,
+    AuditKind.REVERTED: CorrectionStatus.REVERTED,
+}
+
+
+def submitted_payload(correction: Correction) -> dict[str, Any]:
+    """The ``submitted`` event's payload: the whole correction as it was queued."""
+    payload = {name: getattr(correction, name) for name in SUBMITTED_FIELDS}
+    if payload["source"] is None:
+        del payload["source"]
+    return payload
+
+
+@dataclass(frozen=True)
+class RowMismatch:
+    """The first row that does not match its events, and how."""
+
+    table: str
+    row_id: int
+    reason: str
+
+
+@dataclass
+class _Story:
+    submitted: dict[str, Any] | None = None
+    submitter: str | None = None
+    status: CorrectionStatus | None = None
+
+
+@dataclass
+class _CheckpointStory:
+    written: dict[str, Any] | None = None
+    pruned: bool = False
+
+
+@dataclass
+class RowReport:
+    corrections: int = 0
+    checkpoints: int = 0
+    mismatch: RowMismatch | None = None
+
+
+def _events(session: Session) -> Iterator[tuple[str, int | None, int | None, str, dict[str, Any]]]:
+    table = AuditEvent.__table__
+    query = (
+        select(table.c.kind, table.c.correction_id, table.c.checkpoint_id, table.c.actor, cast(table.c.payload, Text))
+        .order_by(table.c.id)
+        .execution_options(yield_per=1000)
+    )
+    with session.execute(query) as rows:
+        for kind, correction_id, checkpoint_id, actor, payload in rows:
+            yield kind, correction_id, checkpoint_id, actor, json.loads(payload) if payload else {}
+
+
+def verify_rows(session: Session) -> RowReport:
+    """Compare every correction and checkpoint row with its events; stops at the first mismatch.
+
+    Call it after ``verify_chain`` has passed (the events themselves are then trusted).
+    """
+    stories: dict[int, _Story] = {}
+    checkpoints: dict[int, _CheckpointStory] = {}
+    for kind, correction_id, checkpoint_id, actor, payload in _events(session):
+        if correction_id is not None:
+            story = stories.setdefault(correction_id, _Story())
+            if kind == AuditKind.SUBMITTED:
+                story.submitted, story.submitter = payload, actor
+            if kind == AuditKind.FAILED:
+                story.status = CorrectionStatus.PENDING if payload.get("retry") else CorrectionStatus.FAILED
+            elif kind in _STATUS_AFTER:
+                story.status = _STATUS_AFTER[AuditKind(kind)]
+        elif checkpoint_id is not None and kind == AuditKind.CHECKPOINT_WRITTEN:
+            checkpoints.setdefault(checkpoint_id, _CheckpointStory()).written = payload
+        if checkpoint_id is not None and kind == AuditKind.CHECKPOINT_PRUNED:
+            checkpoints.setdefault(checkpoint_id, _CheckpointStory()).pruned = True
+    report = RowReport()
+    report.mismatch = _check_corrections(session, stories, report) or _check_checkpoints(session, checkpoints, report)
+    return report
+
+
+def _check_corrections(session: Session, stories: dict[int, _Story], report: RowReport) -> RowMismatch | None:
+    seen: set[int] = set()
+    for row in session.scalars(select(Correction).order_by(Correction.id).execution_options(yield_per=1000)):
+        seen.add(row.id)
+        report.corrections += 1
+        story = stories.get(row.id)
+        if story is None or story.submitted is None:
+            return RowMismatch("corrections", row.id, "it has no submitted event (the row was forged)")
+        recorded = submitted_payload(row)
+        for name in SUBMITTED_FIELDS:
+            if name in story.submitted and story.submitted[name] != recorded.get(name):
+                return RowMismatch("corrections", row.id, f"its {name} differs from its submitted event")
+        if "prompt" in story.submitted and "source" not in story.submitted and row.source is not None:
+            return RowMismatch("corrections", row.id, "its source differs from its submitted event")  # added
+        if row.submitter != story.submitter:
+            return RowMismatch("corrections", row.id, "its submitter differs from its submitted event")
+        if row.status != story.status:
+            expected = story.status.value if story.status else "unknown"
+            return RowMismatch("corrections", row.id, f"its status is {row.status.value}, its events say {expected}")
+    for correction_id in sorted(set(stories) - seen):
+        return RowMismatch("corrections", correction_id, "its events exist but the row is gone (deleted)")
+    return None
+
+
+def _check_checkpoints(session: Session, stories: dict[int, _CheckpointStory], report: RowReport) -> RowMismatch | None:
+    seen: set[int] = set()
+    for row in session.scalars(select(Checkpoint).order_by(Checkpoint.id)):
+        seen.add(row.id)
+        report.checkpoints += 1
+        story = stories.get(row.id)
+        if story is None or story.written is None:
+            return RowMismatch("checkpoints", row.id, "it has no checkpoint_written event (the row was forged)")
+        for name, value in (("sha256", row.sha256), ("size_bytes", row.size_bytes), ("parent", row.parent_id)):
+            if name in story.written and story.written[name] != value:
+                return RowMismatch("checkpoints", row.id, f"its {name} differs from its checkpoint_written event")
+        if row.pruned != story.pruned:
+            return RowMismatch("checkpoints", row.id, "its pruned flag differs from its events")
+    for checkpoint_id in sorted(k for k, v in stories.items() if v.written is not None and k not in seen):
+        return RowMismatch("checkpoints", checkpoint_id, "its events exist but the row is gone (deleted)")
+    return None
