@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import sqlalchemy.exc
 
 from daemon.commands import COMMANDS
 from evaluation.commands import bench
@@ -25,7 +26,7 @@ from storage.audit import ChainBreak, ChainHead, chain_head, check_head, event_c
 from storage.audit_rows import verify_rows
 from storage.checkpoints import all_checkpoints
 from storage.context import StoreContext
-from storage.db import current_revisions
+from storage.db import current_revisions, damage_report, database_error_message
 from storage.errors import InvalidInput, UserError
 from storage.intake import (
     CorrectionInput,
@@ -76,6 +77,8 @@ class MetakeGroup(click.Group):
             raise click.ClickException(str(error)) from error
         except click.UsageError as error:
             raise OneLineUsageError(error.format_message()) from error
+        except sqlalchemy.exc.DBAPIError as error:  # busy or damaged: one line, not a traceback
+            raise click.ClickException(database_error_message(error)) from error
 
 
 class Umask(click.ParamType):
@@ -508,6 +511,9 @@ def audit_verify(store: StoreContext, head_file: Path | None, as_json: bool) -> 
     """
     head = _read_head(head_file) if head_file is not None else None
     with store.read_sessions().begin() as session:
+        damage = damage_report(session)
+        if damage is not None:
+            raise click.ClickException(f"the database file is damaged ({damage}); restore it from a backup")
         broken = verify_chain(session)
         if broken is None and head is not None:
             lost = check_head(session, head)

@@ -17,7 +17,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, Engine, create_engine, event, exc
+from sqlalchemy import Connection, Engine, create_engine, event, exc, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -112,6 +112,28 @@ def connect(engine: Engine) -> Iterator[Connection]:
         raise DatabaseUnreachable(_unreachable_message(engine.url, error)) from error
     with connection:
         yield connection
+
+
+def database_error_message(error: exc.DBAPIError) -> str:
+    """One line for a database error a command did not expect (a busy or damaged database)."""
+    lines = str(error.orig).strip().splitlines()
+    reason = lines[0] if lines else type(error.orig).__name__
+    if "database is locked" in reason:
+        return "the database is busy: another metake process holds its write lock (an import?); retry"
+    if "malformed" in reason or "not a database" in reason:
+        return f"the database file is damaged ({reason}); restore it from a backup"
+    return f"database error: {reason}"
+
+
+def damage_report(session: Session) -> str | None:
+    """SQLite's ``PRAGMA quick_check`` (every page and index readable and consistent); None when fine."""
+    if session.get_bind().dialect.name != "sqlite":
+        return None
+    rows = [str(row[0]) for row in session.execute(text("PRAGMA quick_check"))]
+    if rows == ["ok"]:
+        return None
+    lines = [line for row in rows for line in row.splitlines() if line.strip() and not line.startswith("***")]
+    return "; ".join(lines[:2]) or "quick_check failed"
 
 
 def _unreachable_message(url: URL, error: exc.DBAPIError) -> str:

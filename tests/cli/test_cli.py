@@ -481,6 +481,29 @@ def test_a_home_that_cannot_be_made_is_one_line(tmp_path):
     assert result.stderr == f"Error: cannot create the data home folder {blocker}: File exists\n"
 
 
+def test_a_damaged_sqlite_file_is_one_line(tmp_path):
+    home = tmp_path / "home"
+    run = lambda *args, **kw: CliRunner().invoke(main, ["--home", str(home), *args], **kw)  # noqa: E731
+    assert run("init").exit_code == 0
+    lines = "".join(
+        json.dumps({"prompt": "The capital of {} is", "subject": f"Country {i}", "target": "Rome"}) + "\n"
+        for i in range(40)
+    )
+    assert run("submit", "--file", "-", input=lines).exit_code == 0
+    database = home / "metake.sqlite3"
+    with sqlite3.connect(database) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with open(database, "r+b") as handle:
+        for page in (5, 7, 9, 11):
+            handle.seek(4096 * page + 8)
+            handle.write(b"\x07" * 64)
+    for args in (("queue",), ("audit", "verify")):  # a read that hits the damage; the full page check
+        result = run(*args)
+        assert result.exit_code == 1
+        assert result.stderr.startswith("Error: the database file is damaged (")
+        assert result.stderr.endswith("); restore it from a backup\n") and result.stderr.count("\n") == 1
+
+
 def test_a_port_that_is_not_a_number_is_one_line(tmp_path):
     url = "postgresql+psycopg://metake:s3cret-pw@localhost:abc/metake"
     result = CliRunner().invoke(main, ["--home", str(tmp_path), "--db", url, "queue"])
