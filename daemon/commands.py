@@ -17,7 +17,15 @@ import click
 
 from daemon.logs import LOG_FORMATS, configure_logging
 from daemon.schedule import Every, Wakeups, parse_cron
-from daemon.settings import DEFAULT_MODEL, DTYPES, METHODS, DaemonSettings, HealthSettings, Retention
+from daemon.settings import (
+    DEFAULT_MODEL,
+    DTYPES,
+    METHODS,
+    DaemonSettings,
+    HealthSettings,
+    Retention,
+    check_destination,
+)
 from daemon.stopping import Abandon, StopControl
 from storage.checkpoints import check_exportable, choose_checkpoint
 from storage.context import StoreContext
@@ -205,10 +213,10 @@ def export(
 
     The result loads with transformers' AutoModelForCausalLM.from_pretrained(DIR), no metake needed.
     """
-    from daemon.export import check_destination, export_checkpoint  # loads torch: imported here
+    check_destination(out)  # before torch is imported (seconds), so a bad --out is refused at once
+    from daemon.export import export_checkpoint  # loads torch: imported here
     from daemon.workspace import load_base_model
 
-    check_destination(out)
     settings = DaemonSettings(model=model, device=device or "cpu", dtype=dtype)
     sessions = store.sessions()
     with sessions() as session:

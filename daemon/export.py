@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from daemon.checkpoint_files import CheckpointFileError, read_weights
+from daemon.settings import check_destination
 from engine.files import atomic_directory
 from engine.models import LoadedModel
 from storage.errors import InvalidInput
@@ -29,12 +30,6 @@ class Exported:
     checkpoint_id: int
     directory: Path
     parameters: list[str]
-
-
-def check_destination(out: Path) -> None:
-    """Refuse a destination that exists and is not an empty directory (nothing is overwritten)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InvalidInput(f"--out {out} already exists and is not an empty directory")
 
 
 def export_checkpoint(home: DataHome, checkpoint: Checkpoint, loaded: LoadedModel, out: Path) -> Exported:

@@ -80,3 +80,11 @@ class DaemonSettings:
             raise InvalidInput(f"--hparams {self.hparams_file} is not a file")
         if self.model != DEFAULT_MODEL and not Path(self.model).expanduser().exists():
             raise InvalidInput(f"--model {self.model} does not exist")
+
+
+def check_destination(out: Path) -> None:
+    """Refuse a destination that exists and is not an empty directory (nothing is overwritten).
+
+    Here, with the settings, so that ``metake export`` refuses before it imports torch."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidInput(f"--out {out} already exists and is not an empty directory")

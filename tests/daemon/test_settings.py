@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from daemon.settings import DaemonSettings, HealthSettings, Retention
 from storage.errors import InvalidInput
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
@@ -32,3 +38,23 @@ def test_settings_repeat_the_engine_constants_faithfully():
     from engine.models import DEFAULT_MODEL
 
     assert (settings.METHODS, settings.DEFAULT_MODEL) == (METHODS, DEFAULT_MODEL)
+
+
+def test_export_refuses_a_used_destination_before_importing_torch(tmp_path):
+    """Importing torch takes seconds (10-18 s under load); a bad --out must not wait for it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "something").write_text("x")
+    script = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from cli import main\n"
+        f"result = CliRunner().invoke(main, ['--home', {str(tmp_path / 'home')!r}, 'export', '--out', {str(out)!r}])\n"
+        "print(result.exit_code, 'torch' in sys.modules)\n"
+        "print(result.stderr, end='')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.splitlines() == [
+        "1 False",
+        f"Error: --out {out} already exists and is not an empty directory",
+    ]
