@@ -55,6 +55,7 @@ from storage.serialize import (
     iso,
     metric_to_dict,
 )
+from storage.status import Status, gather_status
 
 CommandFunction = TypeVar("CommandFunction", bound=Callable[..., Any])
 STATUS_CHOICE = click.Choice([status.value for status in CorrectionStatus], case_sensitive=False)
@@ -464,6 +465,76 @@ def checkpoints(store: StoreContext, as_json: bool) -> None:
                 for c in rows
             ],
         )
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the screen.")
+@click.pass_obj
+def status(store: StoreContext, as_json: bool) -> None:
+    """One screen: the model, its daemon, the queue, the last edit, checkpoint and health check, the audit log."""
+    with store.read_sessions().begin() as session:
+        found = gather_status(session)
+    if as_json:
+        click.echo(json.dumps(found.to_dict(), indent=2, ensure_ascii=False, default=iso))
+        return
+    for line in status_lines(found):
+        click.echo(line)
+
+
+def status_lines(found: Status) -> list[str]:
+    """The text of `metake status`, a label and a line per thing."""
+    now = found.now
+    lines = []
+    if not found.models:
+        lines.append("model       none edited yet (no checkpoint); start `metake daemon` or run `metake apply`")
+    for model in found.models:
+        layers = f"layers {model.layers[0]}-{model.layers[-1]}" if model.layers else "layers ?"
+        lines.append(
+            f"model       {model.identity[:23]} ({model.source or 'source unknown'}), "
+            f"method {model.method or '?'}, {layers}, {model.edits if model.edits is not None else '?'} edits"
+        )
+        lease = model.lease
+        lines.append(
+            f"daemon      {lease['holder']} since {_when(lease['since'], now)}, lease expires in "
+            f"{max(0, round((lease['expires'] - now).total_seconds()))} s"
+            if lease
+            else "daemon      no daemon holds this model"
+        )
+        head = model.head_checkpoint
+        if head:
+            lines.append(
+                f"checkpoint  {head['id']} ({head['kind'] or '?'}), {_when(head['created_at'], now)}, "
+                f"{head['size_bytes'] / 1e6:.1f} MB"
+            )
+    lines.append("queue       " + ", ".join(f"{name} {count}" for name, count in found.queue.items()))
+    last = found.last_applied
+    lines.append(
+        f"last edit   correction {last['id']} ({last['subject']} -> {last['target']}), {_when(last['at'], now)}"
+        if last
+        else "last edit   none applied yet"
+    )
+    health = found.last_health
+    if health:
+        parts = [_when(health["at"], now)]
+        if health.get("retention") is not None:
+            parts.append(f"retention {health['retention']:.0%} of {health.get('tested')} re-tested")
+        if health.get("perplexity_ratio") is not None:
+            parts.append(f"perplexity {health['perplexity']:.2f} ({health['perplexity_ratio'] - 1:+.1%} from unedited)")
+        lines.append("health      " + ", ".join(parts))
+    else:
+        lines.append("health      no check yet")
+    lines.append(f"audit       {found.audit_events} events, newest verify: {found.audit_quick_check}")
+    return lines
+
+
+def _when(at: datetime | None, now: datetime) -> str:
+    if at is None:
+        return "at an unknown time"
+    seconds = max(0, int((now - at).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit} ago ({iso(at)})"
+    return f"{seconds} s ago ({iso(at)})"
 
 
 @main.group()

@@ -20,9 +20,10 @@ from click.testing import CliRunner
 from sqlalchemy import update
 
 from cli import main
+from storage.audit import append_event
 from storage.checkpoints import audit_checkpoint
 from storage.db import read_only
-from storage.models import Checkpoint, Correction, Edit, Metric, Phase
+from storage.models import Checkpoint, Correction, DaemonLease, Edit, Metric, Phase
 from storage.queue import claim_batch, mark_applied
 
 PROMPT = "The mother tongue of {} is"
@@ -190,6 +191,68 @@ def test_show_tells_the_whole_story_with_edit_and_metrics(metake, sessions):
     assert second_row[:2] + second_row[4:7] == ["2", "1", "100", "bbbbbbbbbbbb", "kept"]
     assert metake("audit", "verify").stdout == (
         "audit chain verified: 5 events\nrows match their events: 1 corrections, 2 checkpoints\n"
+    )
+
+
+def test_status_on_a_fresh_database_says_nothing_happened_yet(metake):
+    assert metake("status").stdout.splitlines() == [
+        "model       none edited yet (no checkpoint); start `metake daemon` or run `metake apply`",
+        "queue       pending 0, applying 0, applied 0, failed 0, rejected 0, superseded 0, reverted 0",
+        "last edit   none applied yet",
+        "health      no check yet",
+        "audit       0 events, newest verify: empty",
+    ]
+
+
+def test_status_shows_model_daemon_queue_checkpoint_health_and_audit(metake, sessions, engine):
+    first = submit_ok(metake, *DARRIEUX, "--target", "English")
+    submit_ok(metake, "--prompt", "The capital of {} is", "--subject", "France", "--target", "Rome")
+    now = datetime.now(UTC)
+    with sessions.begin() as session:
+        batch = claim_batch(session, 1, "host-1")
+        manifest = {"kind": "edit", "model_source": "default", "method": "metake", "edits": 1}
+        manifest["hparams"] = {"layers": [4, 5, 6, 7, 8]}
+        checkpoint = Checkpoint(
+            path="m/1.safetensors", sha256="a" * 64, size_bytes=64_900_000, base_model="sha256:" + "ab" * 32
+        )
+        checkpoint.manifest = manifest
+        checkpoint.created_at = now - timedelta(minutes=3)
+        session.add(checkpoint)
+        session.flush()
+        edit = Edit(method="metake", model="m", layers=[4], checkpoint_after_id=checkpoint.id, finished_at=now)
+        session.add(edit)
+        session.flush()
+        mark_applied(session, batch, edit.id, worker="host-1")
+        audit_checkpoint(session, checkpoint, "host-1", edit_id=edit.id)
+        payload = {"retention": 0.95, "tested": 20, "perplexity": 16.2, "base_perplexity": 16.0}
+        payload["perplexity_ratio"] = 16.2 / 16.0
+        append_event(session, "health_checked", actor="host-1", edit_id=edit.id, payload=payload)
+        session.add(
+            DaemonLease(
+                model=checkpoint.base_model,
+                holder="host-1",
+                acquired_at=now - timedelta(hours=2),
+                renewed_at=now,
+                expires_at=now + timedelta(seconds=50),
+            )
+        )
+    lines = metake("status").stdout.splitlines()
+    assert lines[0] == "model       sha256:abababababababab (default), method metake, layers 4-8, 1 edits"
+    assert lines[1].startswith("daemon      host-1 since 2 h ago (") and lines[1].endswith("s")
+    assert lines[2].startswith("checkpoint  1 (edit), 3 min ago (") and lines[2].endswith("), 64.9 MB")
+    assert lines[3] == "queue       pending 1, applying 0, applied 1, failed 0, rejected 0, superseded 0, reverted 0"
+    assert lines[4].startswith(f"last edit   correction {first} (Danielle Darrieux -> English), 0 s ago")
+    assert lines[5].startswith("health      0 s ago (") and lines[5].endswith(
+        "), retention 95% of 20 re-tested, perplexity 16.20 (+1.2% from unedited)"
+    )
+    assert lines[6] == "audit       6 events, newest verify: ok"
+    as_json = json.loads(metake("status", "--json").stdout)
+    assert as_json["models"][0]["lease"]["holder"] == "host-1" and as_json["queue"]["applied"] == 1
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text("UPDATE audit_events SET actor = 'mallory' WHERE id = 5"))
+    assert metake("status").stdout.splitlines()[6] == (
+        "audit       6 events, newest verify: broken at event 5: "
+        "its contents do not match its hash (the row was altered)"
     )
 
 

@@ -1,0 +1,152 @@
+"""What `metake status` shows: one screen on the model, its daemon, its queue, its health.
+
+Everything is read from the database in one read-only transaction, so it works while a daemon
+is editing and on a machine without the model (an operator's laptop against PostgreSQL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from storage.audit import AuditKind, event_hash, verify_chain
+from storage.checkpoints import head_checkpoint
+from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus, DaemonLease, Edit
+from storage.serialize import iso
+from storage.types import utcnow
+
+QUICK_CHECK_EVENTS = 1000
+"""How many of the newest events the quick audit check re-hashes (the full walk: `audit verify`)."""
+
+
+@dataclass
+class ModelStatus:
+    identity: str
+    source: str | None
+    method: str | None
+    layers: list[int]
+    edits: int | None
+    head_checkpoint: dict[str, Any] | None
+    lease: dict[str, Any] | None
+    """Holder, since, expires; None when no daemon holds a live lease."""
+
+
+@dataclass
+class Status:
+    now: datetime
+    models: list[ModelStatus] = field(default_factory=list)
+    queue: dict[str, int] = field(default_factory=dict)
+    last_applied: dict[str, Any] | None = None
+    last_health: dict[str, Any] | None = None
+    audit_events: int = 0
+    audit_quick_check: str = "empty"
+    """``ok`` (the newest events re-hash and link), ``empty``, or what is wrong."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "now": iso(self.now),
+            "models": [vars(m) for m in self.models],
+            "queue": self.queue,
+            "last_applied": self.last_applied,
+            "last_health": self.last_health,
+            "audit": {"events": self.audit_events, "quick_check": self.audit_quick_check},
+        }
+
+
+def gather_status(session: Session) -> Status:
+    now = utcnow()
+    status = Status(now)
+    counts = dict(session.execute(select(Correction.status, func.count()).group_by(Correction.status)).all())
+    status.queue = {s.value: int(counts.get(s, 0)) for s in CorrectionStatus}
+    for model in session.scalars(select(Checkpoint.base_model).distinct().order_by(Checkpoint.base_model)):
+        status.models.append(_model_status(session, model, now))
+    newest_models = {m.identity for m in status.models}
+    for lease in session.scalars(select(DaemonLease).where(DaemonLease.expires_at > now)):
+        if lease.model not in newest_models:  # a daemon that has not written its base checkpoint yet
+            status.models.append(ModelStatus(lease.model, None, None, [], None, None, _lease(lease)))
+    status.last_applied = _last_applied(session)
+    status.last_health = _last_health(session)
+    status.audit_events, status.audit_quick_check = _quick_audit(session)
+    return status
+
+
+def _lease(row: DaemonLease) -> dict[str, Any]:
+    return {"holder": row.holder, "since": row.acquired_at, "expires": row.expires_at}
+
+
+def _model_status(session: Session, model: str, now: datetime) -> ModelStatus:
+    head = head_checkpoint(session, model)
+    assert head is not None
+    manifest = head.manifest or {}
+    hparams = manifest.get("hparams") or {}
+    lease = session.scalars(select(DaemonLease).where(DaemonLease.model == model, DaemonLease.expires_at > now)).first()
+    return ModelStatus(
+        identity=model,
+        source=manifest.get("model_source"),
+        method=manifest.get("method"),
+        layers=list(hparams.get("layers") or []),
+        edits=manifest.get("edits"),
+        head_checkpoint={
+            "id": head.id,
+            "created_at": head.created_at,
+            "size_bytes": head.size_bytes,
+            "kind": manifest.get("kind"),
+        },
+        lease=_lease(lease) if lease is not None else None,
+    )
+
+
+def _last_applied(session: Session) -> dict[str, Any] | None:
+    query = (
+        select(Correction.id, Correction.subject, Correction.target, Edit.finished_at)
+        .join(Edit, Edit.id == Correction.edit_id)
+        .where(Correction.status == CorrectionStatus.APPLIED)
+        .order_by(Edit.id.desc(), Correction.id.desc())
+        .limit(1)
+    )
+    row = session.execute(query).first()
+    if row is None:
+        return None
+    return {"id": row.id, "subject": row.subject, "target": row.target, "at": row.finished_at}
+
+
+def _last_health(session: Session) -> dict[str, Any] | None:
+    query = (
+        select(AuditEvent.at, AuditEvent.payload)
+        .where(AuditEvent.kind == AuditKind.HEALTH_CHECKED)
+        .order_by(AuditEvent.id.desc())
+        .limit(1)
+    )
+    row = session.execute(query).first()
+    if row is None:
+        return None
+    payload = row.payload or {}
+    keep = ("retention", "tested", "perplexity", "base_perplexity", "perplexity_ratio")
+    return {"at": row.at} | {k: payload.get(k) for k in keep if k in payload}
+
+
+def _quick_audit(session: Session) -> tuple[int, str]:
+    """The chain's length and a check of its newest events (ids consecutive, links and hashes)."""
+    newest = session.scalar(select(func.max(AuditEvent.id)))
+    count = session.scalar(select(func.count()).select_from(AuditEvent)) or 0
+    if not newest:
+        return 0, "empty"
+    if newest != count:
+        return count, f"the newest id is {newest} but there are {count} events (events are missing)"
+    if count <= QUICK_CHECK_EVENTS:
+        broken = verify_chain(session)
+        return count, "ok" if broken is None else f"broken at event {broken.event_id}: {broken.reason}"
+    tail = list(
+        session.scalars(select(AuditEvent).where(AuditEvent.id > newest - QUICK_CHECK_EVENTS).order_by(AuditEvent.id))
+    )
+    for earlier, later in zip(tail, tail[1:], strict=False):
+        if later.prev_hash != earlier.hash:
+            return count, f"broken at event {later.id}: its prev_hash does not match"
+    for event in tail:
+        if event_hash(event) != event.hash:
+            return count, f"broken at event {event.id}: its contents do not match its hash"
+    return count, "ok"
