@@ -29,6 +29,7 @@ from daemon.settings import (
 from daemon.stopping import Abandon, StopControl
 from storage.checkpoints import check_exportable, choose_checkpoint
 from storage.context import StoreContext
+from storage.errors import InvalidInput
 from storage.intake import check_submitter, login_name
 from storage.leases import LeaseLost
 from storage.models import MAX_ROW_ID
@@ -128,10 +129,23 @@ def _summary(report: PassReport) -> str:
 @click.option("--interval", type=float, default=None, help="Poll the queue every SECONDS [default: 10].")
 @click.option("--schedule", default=None, metavar="CRON", help="Apply pending ones at these times ('0 2 * * *').")
 @click.option("--timezone", default=None, help="Time zone of --schedule [default: the local one].")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics on /metrics and liveness on /healthz at this port [default: off].",
+)
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port.")
 @edit_options
 @click.pass_obj
 def daemon(
-    store: StoreContext, interval: float | None, schedule: str | None, timezone: str | None, **options: Any
+    store: StoreContext,
+    interval: float | None,
+    schedule: str | None,
+    timezone: str | None,
+    metrics_port: int | None,
+    metrics_host: str,
+    **options: Any,
 ) -> None:
     """Run until stopped: apply corrections as they arrive (or on a schedule), one writer per model.
 
@@ -148,11 +162,20 @@ def daemon(
     runner = _daemon_from(store, options)
     from daemon.service import serve
 
+    if metrics_port is not None:
+        try:
+            port = runner.monitor.serve(metrics_host, metrics_port)
+        except OSError as error:
+            where = f"{metrics_host}:{metrics_port}"
+            raise InvalidInput(f"cannot serve metrics on {where}: {error.strerror or error}") from error
+        runner.log.info("metrics_serving", extra={"metake_fields": {"url": f"http://{metrics_host}:{port}/metrics"}})
     with runner.stop.handling_signals():
         try:
             serve(runner, wakeups)
         except Abandon:
             runner.log.info("stopped", extra={"metake_fields": {"batch": "abandoned"}})
+        finally:
+            runner.monitor.close()
 
 
 @click.command()

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -100,6 +101,8 @@ class HealthChecks:
     def __init__(self, held: HeldModel) -> None:
         self.held = held
         self._check: HealthCheck | None = None
+        self.last: dict[str, Any] | None = None
+        """What the newest check found (its audit payload), for monitoring."""
 
     def after_batch(self, edit_id: int | None, applied: list[int], seconds: dict[str, float]) -> None:
         """Check now if this batch's step is due (timed as ``health``); a failure is logged, not raised."""
@@ -130,6 +133,7 @@ class HealthChecks:
             payload = {"retention": findings.retention, "tested": findings.tested, **findings.drift}
             payload["sample"] = sample_sha256(held.model.drift_texts)
             append_event(session, AuditKind.HEALTH_CHECKED, actor=held.actor, edit_id=edit_id, payload=payload)
+        self.last = payload
         level = logging.INFO
         threshold = held.settings.health.retention_warning
         if findings.retention is not None and findings.retention < threshold:

@@ -21,6 +21,7 @@ from daemon.batches import BatchPipeline, BatchReport
 from daemon.checkpoint_files import remove_unlisted
 from daemon.health import HealthChecks
 from daemon.held import DaemonError, HeldModel
+from daemon.monitoring import DaemonMonitor
 from daemon.reverting import RevertReport, perform_reverts
 from daemon.settings import DaemonSettings
 from daemon.stopping import StopControl
@@ -31,6 +32,9 @@ from storage.context import StoreContext
 from storage.queue import pending_count, release_stale_claims
 
 __all__ = ["BatchReport", "Daemon", "DaemonError", "RevertReport"]
+
+STALE_LOOP_S = 900.0
+"""/healthz fails when the serving loop has not come round for this long (nor 10 lease times)."""
 
 
 class Daemon:
@@ -53,6 +57,8 @@ class Daemon:
         self.held = HeldModel(store, settings, logger)
         self.batches = BatchPipeline(self.held, self.stop)
         self.health = HealthChecks(self.held)
+        self.monitor = DaemonMonitor(stale_after_s=max(10 * settings.lease_seconds, STALE_LOOP_S))
+        """Figures for --metrics-port (served only when asked for; kept up to date regardless)."""
 
     @property
     def worker(self) -> str:
@@ -89,9 +95,11 @@ class Daemon:
     def acquire(self) -> None:
         """Take the model's lease (LeaseHeld if a live daemon has it) and start renewing it."""
         self.held.lease.acquire()
+        self.monitor.lease(True)
 
     def release(self) -> None:
         """Stop renewing and let the lease expire now, so a successor can start at once."""
+        self.monitor.lease(False)
         self.held.lease.release()
         self.held.forget()
 
@@ -140,12 +148,22 @@ class Daemon:
         report = self.batches.apply(limit)
         if report is not None:
             self.health.after_batch(report.edit_id, report.applied, report.seconds)
+            monitor = self.monitor
+            monitor.batch_done(len(report.applied), len(report.failed), len(report.rejected), report.seconds)
+            if self.health.last is not None:
+                monitor.health_checked(self.health.last.get("retention"), self.health.last.get("perplexity_ratio"))
+            if self.held.current is not None:
+                monitor.checkpoint_bytes.set(self.held.current.size_bytes)
+            monitor.beat()
         return report
 
     def pending_count(self) -> int:
         with self.held.sessions() as session:
-            return pending_count(session)
+            pending = pending_count(session)
+        self.monitor.queue_depth.set(pending)
+        return pending
 
     def check_heartbeat(self) -> None:
         """Raise LeaseLost if the heartbeat found the lease taken over since the last look."""
         self.held.lease.check_heartbeat()
+        self.monitor.beat()

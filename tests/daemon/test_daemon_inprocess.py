@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import signal
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,21 @@ def test_health_checks_store_retention_and_drift_and_warn(store, tiny, log, one_
     assert "level=info event=health_checked edit=2" in text or "level=warning event=health_checked edit=2" in text
     # the tiny random model cannot hold facts: retention is low, and the daemon says so
     assert "level=warning event=retention_low" in text
+    # what --metrics-port serves: the same figures, and a liveness that knows the lease is gone
+    port = daemon.monitor.serve("127.0.0.1", 0)
+    try:
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    finally:
+        daemon.monitor.close()
+    applied = len([c for b in report.batches for c in b.applied])
+    assert f'metake_corrections_total{{outcome="applied"}} {float(applied)}' in scraped
+    assert "metake_queue_pending 0.0" in scraped and "metake_lease_held 0.0" in scraped
+    retention = event.payload["retention"]
+    assert f"metake_health_retention {retention}" in scraped
+    assert 'metake_edit_stage_seconds_count{stage="health"} 2.0' in scraped
+    assert failed.value.code == 503 and b"does not hold the model's lease" in failed.value.read()
 
 
 def test_a_changed_checkpoint_file_stops_the_start_with_a_clear_error(store, tiny, log, one_thread):
