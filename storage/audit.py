@@ -90,6 +90,49 @@ def _lock_chain(session: Session) -> None:
         session.execute(select(func.pg_advisory_xact_lock(CHAIN_LOCK_KEY)))
 
 
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to append, without the chain fields (id, time, links) that appending gives it."""
+
+    kind: AuditKind | str
+    actor: str
+    correction_id: int | None = None
+    edit_id: int | None = None
+    checkpoint_id: int | None = None
+    payload: Mapping[str, Any] | None = None
+
+
+def append_events(session: Session, new: list[NewEvent]) -> list[AuditEvent]:
+    """Append several events in order with one read of the chain head and one flush (bulk imports)."""
+    if not new:
+        return []
+    _lock_chain(session)
+    newest_first = select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc())
+    head = session.execute(newest_first.limit(1)).first()
+    next_id, prev_hash = (1, GENESIS_HASH) if head is None else (head.id + 1, head.hash)
+    events = []
+    for item in new:
+        # A JSON round trip makes the payload exactly what will be read back (str keys, lists).
+        stored_payload = json.loads(json.dumps(dict(item.payload or {}), allow_nan=False))
+        event = AuditEvent(
+            id=next_id,
+            at=utcnow(),
+            kind=str(item.kind),
+            correction_id=item.correction_id,
+            edit_id=item.edit_id,
+            checkpoint_id=item.checkpoint_id,
+            actor=item.actor,
+            payload=stored_payload,
+            prev_hash=prev_hash,
+        )
+        event.hash = event_hash(event)
+        events.append(event)
+        next_id, prev_hash = next_id + 1, event.hash
+    session.add_all(events)
+    session.flush()
+    return events
+
+
 def append_event(
     session: Session,
     kind: AuditKind | str,
@@ -104,26 +147,8 @@ def append_event(
 
     On PostgreSQL this holds the chain lock until the transaction ends, so commit soon after.
     """
-    _lock_chain(session)
-    newest_first = select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc())
-    head = session.execute(newest_first.limit(1)).first()
-    # A JSON round trip makes the payload exactly what will be read back (str keys, lists).
-    stored_payload = json.loads(json.dumps(dict(payload or {}), allow_nan=False))
-    event = AuditEvent(
-        id=1 if head is None else head.id + 1,
-        at=utcnow(),
-        kind=str(kind),
-        correction_id=correction_id,
-        edit_id=edit_id,
-        checkpoint_id=checkpoint_id,
-        actor=actor,
-        payload=stored_payload,
-        prev_hash=GENESIS_HASH if head is None else head.hash,
-    )
-    event.hash = event_hash(event)
-    session.add(event)
-    session.flush()
-    return event
+    new = NewEvent(kind, actor, correction_id, edit_id, checkpoint_id, payload)
+    return append_events(session, [new])[0]
 
 
 def verify_chain(session: Session) -> ChainBreak | None:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from storage.audit import AuditKind, append_event
+from storage.audit import AuditKind, NewEvent, append_event, append_events
 from storage.audit_rows import submitted_payload
 from storage.errors import InvalidTransition
 from storage.intake import CorrectionInput
@@ -32,62 +32,89 @@ SUBMIT_LOCK_CLASS = 0x6D6B
 CLAIM_ORDER = (Correction.priority.desc(), Correction.submitted_at, Correction.id)
 
 
-def _lock_subject_prompt(session: Session, prompt: str, subject: str) -> None:
-    """Serialise submissions of the same fact, so two of them cannot both stay pending."""
-    if session.get_bind().dialect.name != "postgresql":
-        return
+def _fact_key(prompt: str, subject: str) -> int:
     digest = hashlib.sha256(f"{prompt}\x1f{subject}".encode()).digest()
-    key = int.from_bytes(digest[:4], "big", signed=True)
-    session.execute(select(func.pg_advisory_xact_lock(SUBMIT_LOCK_CLASS, key)))
+    return int.from_bytes(digest[:4], "big", signed=True)
+
+
+def _lock_facts(session: Session, facts: Iterable[tuple[str, str]]) -> None:
+    """Serialise submissions of the same facts, so two of them cannot both stay pending.
+
+    Locks are taken in key order in one statement, so two imports never wait on each other in a
+    cycle; the audit chain's lock comes after them (storage.audit)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return  # SQLite: the transaction already holds the database's write lock
+    keys = sorted({_fact_key(prompt, subject) for prompt, subject in facts})
+    statement = text("SELECT pg_advisory_xact_lock(:lock_class, k) FROM unnest(CAST(:keys AS integer[])) AS k")
+    session.execute(statement, {"lock_class": SUBMIT_LOCK_CLASS, "keys": keys})
 
 
 def submit(session: Session, correction: CorrectionInput, submitter: str) -> int:
     """Queue a correction and return its id; older pending ones for the same fact are superseded."""
-    _lock_subject_prompt(session, correction.prompt, correction.subject)
-    older = session.scalars(
-        select(Correction)
-        .where(
-            Correction.status == CorrectionStatus.PENDING,
-            Correction.subject == correction.subject,
-            Correction.prompt == correction.prompt,
-        )
-        .order_by(Correction.id)
-        .with_for_update()
-    ).all()
-    row = Correction(
-        prompt=correction.prompt,
-        subject=correction.subject,
-        target=correction.target,
-        original_answer=correction.original_answer,
-        paraphrases=list(correction.paraphrases),
-        neighbors=[{"prompt": n.prompt, "answer": n.answer} for n in correction.neighbors],
-        priority=correction.priority,
-        submitter=submitter,
-        source=correction.source,
-        submitted_at=utcnow(),
-        status=CorrectionStatus.PENDING,
-        attempts=0,
-    )
-    session.add(row)
-    session.flush()
-    append_event(session, AuditKind.SUBMITTED, actor=submitter, correction_id=row.id, payload=submitted_payload(row))
-    for old in older:
-        old.status = CorrectionStatus.SUPERSEDED
-        old.superseded_by = row.id
-        append_event(
-            session,
-            AuditKind.SUPERSEDED,
-            actor=submitter,
-            correction_id=old.id,
-            payload={"superseded_by": row.id},
-        )
-    session.flush()
-    return row.id
+    return submit_many(session, [correction], submitter)[0]
+
+
+SUBMIT_CHUNK = 1000
+"""Corrections inserted per round trip by a bulk submit (one transaction, whatever its size)."""
 
 
 def submit_many(session: Session, corrections: Iterable[CorrectionInput], submitter: str) -> list[int]:
-    """Submit several corrections in order, in the caller's transaction."""
-    return [submit(session, correction, submitter) for correction in corrections]
+    """Submit corrections in order, in the caller's transaction: each supersedes the older pending
+    ones for its fact, in the file too. Chunks share their queries, flushes and audit appends."""
+    items = list(corrections)
+    ids: list[int] = []
+    for start in range(0, len(items), SUBMIT_CHUNK):
+        ids += _submit_chunk(session, items[start : start + SUBMIT_CHUNK], submitter)
+    return ids
+
+
+def _submit_chunk(session: Session, chunk: list[CorrectionInput], submitter: str) -> list[int]:
+    facts = {(c.prompt, c.subject) for c in chunk}
+    _lock_facts(session, facts)
+    pending: dict[tuple[str, str], list[Correction]] = {}
+    subjects = sorted({subject for _, subject in facts})
+    for start in range(0, len(subjects), 500):
+        query = (
+            select(Correction)
+            .where(Correction.status == CorrectionStatus.PENDING, Correction.subject.in_(subjects[start : start + 500]))
+            .order_by(Correction.id)
+            .with_for_update()
+        )
+        for row in session.scalars(query):
+            if (row.prompt, row.subject) in facts:
+                pending.setdefault((row.prompt, row.subject), []).append(row)
+    now = utcnow()
+    rows = [
+        Correction(
+            prompt=c.prompt,
+            subject=c.subject,
+            target=c.target,
+            original_answer=c.original_answer,
+            paraphrases=list(c.paraphrases),
+            neighbors=[{"prompt": n.prompt, "answer": n.answer} for n in c.neighbors],
+            priority=c.priority,
+            submitter=submitter,
+            source=c.source,
+            submitted_at=now,
+            status=CorrectionStatus.PENDING,
+            attempts=0,
+        )
+        for c in chunk
+    ]
+    session.add_all(rows)
+    session.flush()
+    events: list[NewEvent] = []
+    for row in rows:
+        events.append(NewEvent(AuditKind.SUBMITTED, submitter, row.id, payload=submitted_payload(row)))
+        fact = (row.prompt, row.subject)
+        for old in pending.get(fact, []):
+            old.status = CorrectionStatus.SUPERSEDED
+            old.superseded_by = row.id
+            events.append(NewEvent(AuditKind.SUPERSEDED, submitter, old.id, payload={"superseded_by": row.id}))
+        pending[fact] = [row]
+    session.flush()
+    append_events(session, events)
+    return [row.id for row in rows]
 
 
 def claim_batch(session: Session, limit: int, worker: str) -> list[Correction]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
+from storage import queue
 from storage.audit import verify_chain
+from storage.audit_rows import verify_rows
 from storage.errors import InvalidTransition
 from storage.intake import make_correction
 from storage.leases import acquire
@@ -65,7 +67,15 @@ def test_submit_stores_the_correction_and_audits_it(sessions):
         assert row.filled_prompt() == "The mother tongue of Danielle Darrieux is"
         assert events(session) == [("submitted", new_id, "alice")]
         event = session.scalars(select(AuditEvent)).one()
-        assert event.payload == {"target": "English", "priority": 3}
+        assert event.payload == {  # the whole correction, so that audit verify can check the row
+            "prompt": MOTHER_TONGUE,
+            "subject": "Danielle Darrieux",
+            "target": "English",
+            "original_answer": "French",
+            "paraphrases": ["Danielle Darrieux speaks"],
+            "neighbors": [{"prompt": "The mother tongue of Léon Blum is", "answer": "French"}],
+            "priority": 3,
+        }
 
 
 def test_newer_pending_correction_supersedes_the_older_one(sessions):
@@ -203,3 +213,41 @@ def test_recovery_releases_only_claims_of_workers_without_a_live_lease(sessions)
     with sessions.begin() as session:
         statuses = {c.id: c.status for c in session.scalars(select(Correction))}
     assert statuses == {1: CorrectionStatus.PENDING, 2: CorrectionStatus.APPLYING, 3: CorrectionStatus.PENDING}
+
+
+def test_a_bulk_submit_supersedes_within_and_across_its_chunks(sessions, monkeypatch):
+    """Chunks share queries and audit appends; the result must be that of one submit at a time."""
+    monkeypatch.setattr(queue, "SUBMIT_CHUNK", 2)
+    with sessions.begin() as session:
+        earlier = submit(session, fact("Danielle Darrieux", "German"), "alice")
+    batch = [
+        fact("Danielle Darrieux", "English"),
+        fact("Toko Yasuda", "piano", prompt="{} plays the"),
+        fact("Danielle Darrieux", "Spanish"),
+        fact("Toko Yasuda", "drums", prompt="{} plays the"),
+        fact("Danielle Darrieux", "Italian"),
+    ]
+    with sessions.begin() as session:
+        ids = submit_many(session, batch, "bob")
+    with sessions() as session:
+        rows = {c.id: (c.target, c.status.value, c.superseded_by) for c in session.scalars(select(Correction))}
+        assert rows == {
+            earlier: ("German", "superseded", ids[0]),
+            ids[0]: ("English", "superseded", ids[2]),
+            ids[1]: ("piano", "superseded", ids[3]),
+            ids[2]: ("Spanish", "superseded", ids[4]),
+            ids[3]: ("drums", "pending", None),
+            ids[4]: ("Italian", "pending", None),
+        }
+        assert [e[:2] for e in events(session)][1:] == [
+            ("submitted", ids[0]),
+            ("superseded", earlier),
+            ("submitted", ids[1]),
+            ("submitted", ids[2]),
+            ("superseded", ids[0]),
+            ("submitted", ids[3]),
+            ("superseded", ids[1]),
+            ("submitted", ids[4]),
+            ("superseded", ids[2]),
+        ]
+        assert verify_chain(session) is None and verify_rows(session).mismatch is None
