@@ -28,6 +28,8 @@ Sessions = sessionmaker[Session]
 """The session factory the store hands out (``StoreContext.sessions()``)."""
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
+LOCK_TIMEOUT_S = 30.0
+"""PostgreSQL's lock_timeout for every session of the store."""
 PG_CONNECT_TIMEOUT_S = 10
 UPGRADE_HINT = "run `metake db upgrade`"
 READ_ONLY_OPTION = "metake_read_only"
@@ -61,6 +63,9 @@ def make_engine(url: str | URL, *, foreign_keys: bool = True) -> Engine:
         connect_args["timeout"] = SQLITE_BUSY_TIMEOUT_S
     elif backend == "postgresql":
         connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+        # A wait for a lock (the audit chain behind an import, a row a daemon holds) ends like
+        # SQLite's busy timeout: an error after this long, reported in one line, not a hang.
+        connect_args["options"] = f"-c lock_timeout={int(LOCK_TIMEOUT_S * 1000)}"
     try:
         engine = create_engine(parsed, connect_args=connect_args, pool_pre_ping=True)
     except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as error:
@@ -118,7 +123,7 @@ def database_error_message(error: exc.DBAPIError) -> str:
     """One line for a database error a command did not expect (a busy or damaged database)."""
     lines = str(error.orig).strip().splitlines()
     reason = lines[0] if lines else type(error.orig).__name__
-    if "database is locked" in reason:
+    if "database is locked" in reason or "lock timeout" in reason:
         return "the database is busy: another metake process holds its write lock (an import?); retry"
     if "malformed" in reason or "not a database" in reason:
         return f"the database file is damaged ({reason}); restore it from a backup"

@@ -19,8 +19,9 @@ import sqlalchemy.exc
 from click.testing import CliRunner
 from sqlalchemy import update
 
+import storage.db
 from cli import main
-from storage.audit import append_event
+from storage.audit import CHAIN_LOCK_KEY, append_event
 from storage.checkpoints import audit_checkpoint
 from storage.db import read_only
 from storage.models import Checkpoint, Correction, DaemonLease, Edit, Metric, Phase
@@ -442,6 +443,22 @@ def test_readers_are_not_held_up_by_a_writer(metake, engine):
     finally:
         writer.execute("ROLLBACK")
         writer.close()
+
+
+def test_a_writer_that_waits_too_long_for_the_lock_gets_one_line(metake, engine, db_url, monkeypatch):
+    """SQLite's busy timeout and PostgreSQL's lock_timeout end the same way: one line, exit 1."""
+    monkeypatch.setattr(storage.db, "SQLITE_BUSY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(storage.db, "LOCK_TIMEOUT_S", 0.3)
+    holder = storage.db.make_engine(db_url)
+    with holder.begin() as connection:  # holds the write lock / the audit chain's lock
+        if holder.dialect.name == "postgresql":
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHAIN_LOCK_KEY})
+        result = metake("submit", *DARRIEUX, "--target", "English")
+    holder.dispose()
+    assert (result.exit_code, result.stderr) == (
+        1,
+        "Error: the database is busy: another metake process holds its write lock (an import?); retry\n",
+    )
 
 
 def test_unreadable_file(metake, row_counts, tmp_path):
