@@ -47,6 +47,7 @@ from storage.queries import (
     queued_corrections,
 )
 from storage.queue import submit_many
+from storage.report_data import report_data
 from storage.serialize import (
     checkpoint_to_dict,
     correction_to_dict,
@@ -479,6 +480,30 @@ def status(store: StoreContext, as_json: bool) -> None:
         return
     for line in status_lines(found):
         click.echo(line)
+
+
+@main.command()
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=Path("metake-report.html"),
+    show_default=True,
+    help="The HTML file to write (one self-contained page; images inlined).",
+)
+@click.option("--since", type=IsoTime(), default=None, help="Only corrections submitted at or after this time.")
+@click.pass_obj
+def report(store: StoreContext, out: Path, since: datetime | None) -> None:
+    """Write an HTML report with figures: corrections, before/after, health, weight change, checkpoints."""
+    from reporting.html_report import render_report  # matplotlib: imported only for this command
+
+    with store.read_sessions().begin() as session:
+        data = report_data(session, since)
+    page = render_report(data, f"metake report: {store.home.root}", datetime.now(UTC))
+    try:
+        out.write_text(page, encoding="utf-8")
+    except OSError as error:
+        raise InvalidInput(f"cannot write {out}: {error.strerror or error}") from error
+    click.echo(f"wrote {out} ({len(page) / 1e6:.1f} MB, {len(data.corrections)} corrections)")
 
 
 def status_lines(found: Status) -> list[str]:
