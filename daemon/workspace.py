@@ -20,6 +20,7 @@ from engine.files import model_key
 from engine.hparams import EditHyperParams
 from engine.models import LoadedModel, ModelLoadError, load_model
 from engine.requests import EditRequest
+from engine.stats import StatisticsDamaged
 from storage.errors import InvalidInput
 from storage.home import DataHome
 from storage.models import Correction
@@ -101,7 +102,7 @@ def open_model(settings: DaemonSettings, home: DataHome, loaded: LoadedModel) ->
     hparams = resolve_hparams(settings, loaded)
     try:
         editor = Editor(loaded, hparams, cache_dir=home.stats_dir)
-    except FileNotFoundError as error:  # a statistics source that is not there
+    except (FileNotFoundError, StatisticsDamaged) as error:  # a statistics source not there, a damaged cache
         raise InvalidInput(str(error)) from error
     base_weights = {name: weight.cpu() for name, weight in editor.edited_weights().items()}
     drift_texts: list[str] = []

@@ -55,7 +55,11 @@ def projector_for(stats: KeyStatistics, threshold: float, cache_dir: Path | None
         with safe_open(path, framework="pt") as handle:
             meta = handle.metadata()
             matrix = handle.get_tensor("matrix")
-        return Projector(stats.layer, matrix, int(meta["kept"]), float(meta["threshold"]), meta["c0_sha256"])
+        cached = Projector(stats.layer, matrix, int(meta["kept"]), float(meta["threshold"]), meta["c0_sha256"])
+        # A file whose matrix no longer hashes to what was recorded when it was written (damaged,
+        # or edited) is not used: the projector is computed again from the statistics (seconds).
+        if meta.get("matrix_sha256") == cached.sha256 and cached.c0_sha256 == stats.sha256:
+            return cached
     projector = null_space_projector(stats, threshold, relative)
     meta = {
         "layer": str(stats.layer),
@@ -63,6 +67,7 @@ def projector_for(stats: KeyStatistics, threshold: float, cache_dir: Path | None
         "threshold": repr(threshold),
         "relative": str(relative),
         "c0_sha256": stats.sha256,
+        "matrix_sha256": projector.sha256,
         "module": str(stats.provenance.get("module", "")),
         "model": str(stats.provenance.get("model", "")),
     }

@@ -92,6 +92,28 @@ def load_statistics(path: Path) -> KeyStatistics:
     return KeyStatistics(int(meta["layer"]), tensors["total"], int(meta["count"]), json.loads(meta["provenance"]))
 
 
+class StatisticsDamaged(ValueError):
+    """A cached statistics file that does not hash to what its provenance file recorded."""
+
+
+def load_checked(path: Path) -> KeyStatistics:
+    """A cached file, checked against the sha256 its provenance file recorded when it was written.
+
+    Statistics take minutes to recompute and a damaged file would edit wrongly and silently, so a
+    mismatch is an error that names the file (delete it to recompute). A file without a provenance
+    file (written before they existed) is used as it is.
+    """
+    stats = load_statistics(path)
+    sidecar = path.with_suffix(".json")
+    if sidecar.exists():
+        recorded = json.loads(sidecar.read_text()).get("sha256")
+        if recorded is not None and recorded != stats.sha256:
+            raise StatisticsDamaged(
+                f"statistics cache {path} does not match the sha256 recorded beside it; delete it to recompute"
+            )
+    return stats
+
+
 def save_statistics(path: Path, stats: KeyStatistics) -> None:
     """Write atomically (temporary name, then rename) so a crash never leaves half a file."""
     meta = {"layer": str(stats.layer), "count": str(stats.count), "provenance": json.dumps(stats.provenance)}
@@ -106,7 +128,7 @@ def key_statistics(
     """``C0`` for each layer, from the cache when it holds the same provenance, else computed."""
     label, files = _source_label(params.source)
     paths = {layer: cache_path(cache_dir, loaded, layer, label, params) for layer in layers} if cache_dir else {}
-    found = {layer: load_statistics(p) for layer, p in paths.items() if p.exists()}
+    found = {layer: load_checked(p) for layer, p in paths.items() if p.exists()}
     missing = tuple(layer for layer in layers if layer not in found)
     if missing:
         fresh = _compute(loaded, missing, params, label, files)

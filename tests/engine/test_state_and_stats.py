@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tiny_models import DEVICE, REQUESTS, tiny_hparams
 
 from engine.architecture import UnknownArchitectureError, architecture_for
@@ -15,9 +16,10 @@ from engine.editor import Editor
 from engine.hooks import capture_outputs, run_until_stopped
 from engine.hparams import EditHyperParams, StatsParams
 from engine.models import load_model
+from engine.projector import projector_for
 from engine.requests import encode_with_subject
 from engine.state import EditorState, StateMismatch
-from engine.stats import cache_path, key_statistics
+from engine.stats import StatisticsDamaged, cache_path, key_statistics
 
 
 def test_state_saves_and_loads_bitwise(tiny, tiny_dirs, tmp_path):
@@ -110,6 +112,30 @@ def test_sampled_statistics_are_cached_by_batch_size_and_read_text_is_not(tiny_d
     path = lambda label, params: cache_path(tmp_path, loaded, 1, label, params)  # noqa: E731
     assert path("model", sampled) != path("model", dataclasses.replace(sampled, batch_size=64))
     assert path("text-sha256:x", read) == path("text-sha256:x", dataclasses.replace(read, batch_size=64))
+
+
+def test_damaged_caches_are_refused_or_recomputed(tiny_dirs, tmp_path):
+    """Statistics take minutes to recompute: a damaged file is an error naming it. A projector
+    takes a second: a damaged one is computed again and rewritten."""
+    loaded = load_model(tiny_dirs["llama"], device=DEVICE)
+    params = tiny_hparams(tiny_dirs["corpus"]).stats
+    stats = key_statistics(loaded, (1,), params, tmp_path)[1]
+    projector_dir = tmp_path / "projectors"
+    first = projector_for(stats, 0.1, projector_dir, relative=True)
+    (cached,) = projector_dir.glob("projector-*.safetensors")
+    with safe_open(cached, framework="pt") as handle:
+        meta = handle.metadata()
+    save_file({"matrix": torch.eye(first.matrix.shape[0], dtype=torch.float64)}, cached, metadata=meta)
+    again = projector_for(stats, 0.1, projector_dir, relative=True)
+    assert torch.equal(again.matrix, first.matrix)  # not the identity that was written over it
+    (path,) = tmp_path.rglob("c0-*.safetensors")
+    tampered = load_file(path)
+    tampered["total"][0, 0] += 1.0
+    with safe_open(path, framework="pt") as handle:
+        stats_meta = handle.metadata()
+    save_file(tampered, path, metadata=stats_meta)
+    with pytest.raises(StatisticsDamaged, match=f"statistics cache {path} does not match the sha256"):
+        key_statistics(loaded, (1,), params, tmp_path)
 
 
 def test_hyperparameters_load_from_file_and_reject_unknown_keys(tmp_path):
