@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from daemon.faults import crash_point
-from engine.files import TEMPORARY_SUFFIX, atomic_path, model_key, read_safetensors
+from engine.files import TEMPORARY_SUFFIX, atomic_path, model_key
 from engine.hparams import EditHyperParams
 from engine.state import EditorState, StateMismatch
 from storage.serialize import iso
@@ -175,25 +176,36 @@ def delete_files(root: Path, relative_paths: list[str]) -> list[str]:
     return refused
 
 
-def verify_file(path: Path, expected_sha256: str, label: str) -> None:
-    """Raise CheckpointFileError unless ``path`` exists and hashes to ``expected_sha256``."""
+def verified_bytes(path: Path, expected_sha256: str, label: str) -> bytes:
+    """The file's bytes, read once, after checking that they hash to ``expected_sha256``.
+
+    What is checked is what is then parsed: hashing the file and reading it again would let a
+    file swapped in between be loaded unchecked."""
     if not path.is_file():
         raise CheckpointFileError(f"{label}: file {path} is missing")
-    found = file_sha256(path)
+    data = path.read_bytes()
+    found = hashlib.sha256(data).hexdigest()
     if found != expected_sha256:
         raise CheckpointFileError(
             f"{label}: file {path} has sha256 {found[:16]}… but the checkpoint table records "
             f"{expected_sha256[:16]}…; it was altered or damaged"
         )
+    return data
+
+
+def _parse(data: bytes, path: Path, label: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    try:
+        size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+        return metadata, load_safetensors_bytes(data)
+    except (SafetensorError, ValueError, UnicodeDecodeError) as error:
+        raise CheckpointFileError(f"{label}: cannot read {path}: {error}") from error
 
 
 def read_checkpoint(path: Path, expected_sha256: str, label: str, device: torch.device | str) -> CheckpointContents:
     """Read a checkpoint after checking its hash; tensors land on ``device`` bit for bit."""
-    verify_file(path, expected_sha256, label)
-    try:
-        metadata, tensors = read_safetensors(path, device)
-    except (SafetensorError, OSError) as error:
-        raise CheckpointFileError(f"{label}: cannot read {path}: {error}") from error
+    metadata, tensors = _parse(verified_bytes(path, expected_sha256, label), path, label)
+    tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
     if metadata.get("format") != FORMAT:
         raise CheckpointFileError(f"{label}: {path} is not a metake checkpoint (format {metadata.get('format')!r})")
     weights = {name.removeprefix(_WEIGHT_PREFIX): t for name, t in tensors.items() if name.startswith(_WEIGHT_PREFIX)}
@@ -206,13 +218,8 @@ def read_checkpoint(path: Path, expected_sha256: str, label: str, device: torch.
 
 def read_weights(path: Path, expected_sha256: str, label: str) -> dict[str, torch.Tensor]:
     """Only the edited weights (on the CPU), for export."""
-    verify_file(path, expected_sha256, label)
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        return {
-            name.removeprefix(_WEIGHT_PREFIX): handle.get_tensor(name)
-            for name in handle.keys()  # noqa: SIM118 - safe_open handles are not mappings
-            if name.startswith(_WEIGHT_PREFIX)
-        }
+    _, tensors = _parse(verified_bytes(path, expected_sha256, label), path, label)
+    return {name.removeprefix(_WEIGHT_PREFIX): t for name, t in tensors.items() if name.startswith(_WEIGHT_PREFIX)}
 
 
 def remove_unlisted(folder: Path, keep: set[str], root: Path) -> list[Path]:
