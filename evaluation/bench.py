@@ -28,7 +28,7 @@ from engine.editor import EditFailed, Editor
 from engine.hparams import EditHyperParams, Method
 from engine.models import LoadedModel
 from evaluation.counterfact import CounterFactRecord
-from evaluation.metrics import counterfact_metrics, fluency, perplexity, score_records
+from evaluation.metrics import counterfact_metrics, fluency, generation_metrics, perplexity, score_records
 from evaluation.zsre import ZsreRecord, score_zsre, zsre_metrics
 
 Record = CounterFactRecord | ZsreRecord
@@ -126,6 +126,7 @@ def evaluate_model(
     else:
         scores = score_records(loaded.model, loaded.tokenizer, records)  # type: ignore[arg-type]
         metrics = counterfact_metrics(scores, before)
+        metrics |= generation_metrics(loaded.model, loaded.tokenizer, records)  # type: ignore[arg-type]
     if before is not None or "specificity" in metrics:
         metrics["score"] = edit_score(metrics)
     if fluency_n:
@@ -214,6 +215,9 @@ COLUMNS = (
     ("efficacy", "eff"),
     ("generalisation", "gen"),
     ("specificity", "spec"),
+    ("gen_efficacy", "g_eff"),
+    ("gen_paraphrase", "g_gen"),
+    ("gen_neighbourhood", "g_nbr"),
     ("locality", "loc"),
     ("score", "score"),
     ("neighbor_logprob_shift", "nbr_dlogp"),

@@ -8,6 +8,7 @@ log-probability, perplexity on a fixed text, and (in the benchmark) relative wei
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from statistics import median
@@ -58,6 +59,50 @@ def counterfact_metrics(scores: list[RecordScores], before: list[RecordScores] |
         shifts = [abs(a.neighborhood[1] - b.neighborhood[1]) for a, b in zip(scores, before, strict=True)]
         metrics["neighbor_logprob_shift"] = median(shifts)
     return metrics
+
+
+def _normalised(text: str) -> str:
+    """Case-folded, without leading space and punctuation (generation-based hits, see below)."""
+    return re.sub(r"^[\W_]+", "", text.casefold())
+
+
+def says_answer(generated: str, answer: str) -> bool:
+    """Whether a greedy continuation *says* the answer: it starts with it, ignoring case, leading
+    space and punctuation, and the answer is not merely the start of a longer word."""
+    said, expected = _normalised(generated), _normalised(answer).rstrip(".!?,;: ")
+    if not expected or not said.startswith(expected):
+        return False
+    rest = said[len(expected) :]
+    return not rest or not rest[0].isalnum()
+
+
+GENERATED_TOKENS = 8
+"""Greedy tokens generated per prompt for the generation-based metrics (CounterFact answers are short)."""
+
+
+def generation_metrics(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[CounterFactRecord]
+) -> dict[str, float]:
+    """``gen_efficacy`` / ``gen_paraphrase``: percent of rewrite / paraphrase prompts whose greedy
+    continuation says the new target; ``gen_neighbourhood``: percent of neighbourhood prompts whose
+    continuation says their true answer. The teacher-forced figures only compare two answers'
+    probabilities; these ask whether the model, left to itself, says the fact."""
+    prompts = [p for r in records for p in (r.prompt, r.paraphrase, r.neighborhood)]
+    texts = generate_greedy(model, tokenizer, prompts, GENERATED_TOKENS)
+    hits = [
+        (
+            says_answer(texts[3 * i], r.target_new),
+            says_answer(texts[3 * i + 1], r.target_new),
+            says_answer(texts[3 * i + 2], r.target_true),
+        )
+        for i, r in enumerate(records)
+    ]
+    n = len(records)
+    return {
+        "gen_efficacy": 100.0 * sum(h[0] for h in hits) / n,
+        "gen_paraphrase": 100.0 * sum(h[1] for h in hits) / n,
+        "gen_neighbourhood": 100.0 * sum(h[2] for h in hits) / n,
+    }
 
 
 def ngram_entropy(text: str, n: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,8 +12,10 @@ from click.testing import CliRunner
 from cli import main
 from engine.hparams import EditHyperParams
 from engine.models import load_model
-from evaluation.bench import edit_score, run_benchmark
+from evaluation import metrics as metrics_module
+from evaluation.bench import edit_score, evaluate_model, run_benchmark
 from evaluation.counterfact import load_counterfact
+from evaluation.metrics import says_answer
 from evaluation.zsre import ZsreRecord, ZsreScores, is_zsre, load_zsre, score_zsre, zsre_metrics
 
 
@@ -151,3 +154,46 @@ def test_bench_command_reads_a_slice_and_per_method_hparams(tiny_llama, tmp_path
     assert all(stages <= set(r) for r in rows[1:])
     bad = CliRunner().invoke(main, [*args[:-3], "--method-hparams", "rome=x.toml"])
     assert bad.exit_code == 2 and "expected METHOD=FILE" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("generated", "answer", "said"),
+    [
+        (" Paris, the capital", "Paris", True),
+        ("PARIS.", "paris", True),
+        ('"Paris" is', "Paris", True),
+        (" Parisian food", "Paris", False),  # the start of a longer word is not the answer
+        (" the city of Paris", "Paris", False),  # it must come first
+        (" New York City", "New York", True),
+        ("", "Paris", False),
+        (" Paris", "", False),
+    ],
+)
+def test_a_continuation_says_the_answer_only_when_it_starts_with_it(generated, answer, said):
+    assert says_answer(generated, answer) is said
+
+
+def test_bench_reports_generation_metrics_for_counterfact(tiny_llama, tmp_path, monkeypatch):
+    """The generated texts are matched to the right prompts and answers (rewrite and paraphrase to
+    the new target, neighbourhood to the true answer)."""
+    loaded = load_model(tiny_llama[0], device="cpu")
+    records = load_counterfact(counterfact_file(tmp_path / "cf.json"), 2)
+    records[1] = dataclasses.replace(records[1], neighborhood="The capital of Spain is")
+    said = {
+        records[0].prompt: records[0].target_new,  # edited: says the new target
+        records[0].paraphrase: "something else",
+        records[0].neighborhood: records[0].target_true,  # the neighbour kept its answer
+        records[1].prompt: records[1].target_true,  # not edited
+        records[1].paraphrase: " " + records[1].target_new + ".",
+        records[1].neighborhood: records[1].target_new,  # the neighbour was bled into
+    }
+    prompts_seen: list[str] = []
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch=16):
+        prompts_seen.extend(prompts)
+        return [said[p] for p in prompts]
+
+    monkeypatch.setattr(metrics_module, "generate_greedy", fake_generate)
+    metrics, _ = evaluate_model(loaded, records, [], 0, None)
+    assert (metrics["gen_efficacy"], metrics["gen_paraphrase"], metrics["gen_neighbourhood"]) == (50.0, 50.0, 50.0)
+    assert sorted(prompts_seen) == sorted(said)
