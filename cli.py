@@ -543,6 +543,8 @@ def status_lines(found: Status) -> list[str]:
         parts = [_when(health["at"], now)]
         if health.get("retention") is not None:
             parts.append(f"retention {health['retention']:.0%} of {health.get('tested')} re-tested")
+        if health.get("gen_retention") is not None:
+            parts.append(f"{health['gen_retention']:.0%} still said when generating")
         if health.get("perplexity_ratio") is not None:
             parts.append(f"perplexity {health['perplexity']:.2f} ({health['perplexity_ratio'] - 1:+.1%} from unedited)")
         lines.append("health      " + ", ".join(parts))

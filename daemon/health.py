@@ -22,7 +22,7 @@ from daemon.held import HeldModel
 from daemon.logs import Timer
 from daemon.workspace import EditableModel, edit_request
 from engine.scoring import fact_scores
-from evaluation.metrics import perplexity
+from evaluation.metrics import GENERATED_TOKENS, generate_greedy, perplexity, says_answer
 from storage.audit import AuditKind, append_event
 from storage.edits import MetricValue, add_metrics
 from storage.leases import LeaseLost
@@ -39,6 +39,8 @@ class Findings:
     retention: float | None = None
     """Share of the re-tested corrections that still hold (None when none were tested)."""
     forgotten: list[int] = field(default_factory=list)
+    gen_retention: float | None = None
+    """Share of them whose greedy continuation of the prompt says the target (not just prefers it)."""
     drift: dict[str, float] = field(default_factory=dict)
 
 
@@ -70,6 +72,12 @@ class HealthCheck:
         if held:
             findings.retention = 1 - len(findings.forgotten) / len(held)
             findings.metrics.append(MetricValue(None, "health.retention", Phase.POST, findings.retention))
+            prompts = [c.filled_prompt() for c in earlier]
+            said = generate_greedy(loaded.model, loaded.tokenizer, prompts, GENERATED_TOKENS)
+            says = {c.id: says_answer(text, c.target) for c, text in zip(earlier, said, strict=True)}
+            findings.metrics += [MetricValue(i, "health.says_target", Phase.POST, float(v)) for i, v in says.items()]
+            findings.gen_retention = sum(says.values()) / len(says)
+            findings.metrics.append(MetricValue(None, "health.gen_retention", Phase.POST, findings.gen_retention))
         texts = self.model.drift_texts
         if texts:
             now = perplexity(loaded.model, loaded.tokenizer, texts)
@@ -131,6 +139,7 @@ class HealthChecks:
         with held.lease.transaction() as session:
             add_metrics(session, edit_id, findings.metrics)
             payload = {"retention": findings.retention, "tested": findings.tested, **findings.drift}
+            payload["gen_retention"] = findings.gen_retention
             payload["sample"] = sample_sha256(held.model.drift_texts)
             append_event(session, AuditKind.HEALTH_CHECKED, actor=held.actor, edit_id=edit_id, payload=payload)
         self.last = payload

@@ -125,7 +125,7 @@ def _last_health(session: Session) -> dict[str, Any] | None:
     if row is None:
         return None
     payload = row.payload or {}
-    keep = ("retention", "tested", "perplexity", "base_perplexity", "perplexity_ratio")
+    keep = ("retention", "gen_retention", "tested", "perplexity", "base_perplexity", "perplexity_ratio")
     return {"at": row.at} | {k: payload.get(k) for k in keep if k in payload}
 
 

@@ -225,7 +225,7 @@ def test_status_shows_model_daemon_queue_checkpoint_health_and_audit(metake, ses
         session.flush()
         mark_applied(session, batch, edit.id, worker="host-1")
         audit_checkpoint(session, checkpoint, "host-1", edit_id=edit.id)
-        payload = {"retention": 0.95, "tested": 20, "perplexity": 16.2, "base_perplexity": 16.0}
+        payload = {"retention": 0.95, "gen_retention": 0.9, "tested": 20, "perplexity": 16.2, "base_perplexity": 16.0}
         payload["perplexity_ratio"] = 16.2 / 16.0
         append_event(session, "health_checked", actor="host-1", edit_id=edit.id, payload=payload)
         session.add(
@@ -244,7 +244,7 @@ def test_status_shows_model_daemon_queue_checkpoint_health_and_audit(metake, ses
     assert lines[3] == "queue       pending 1, applying 0, applied 1, failed 0, rejected 0, superseded 0, reverted 0"
     assert lines[4].startswith(f"last edit   correction {first} (Danielle Darrieux -> English), 0 s ago")
     assert lines[5].startswith("health      0 s ago (") and lines[5].endswith(
-        "), retention 95% of 20 re-tested, perplexity 16.20 (+1.2% from unedited)"
+        "), retention 95% of 20 re-tested, 90% still said when generating, perplexity 16.20 (+1.2% from unedited)"
     )
     assert lines[6] == "audit       6 events, newest verify: ok"
     as_json = json.loads(metake("status", "--json").stdout)

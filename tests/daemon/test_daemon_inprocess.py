@@ -122,10 +122,13 @@ def test_health_checks_store_retention_and_drift_and_warn(store, tiny, log, one_
         rows = session.scalars(select(Metric).where(Metric.name.like("health.%"), Metric.edit_id == 4)).all()
         names = {(m.name, m.phase, m.correction_id is None) for m in rows}
         assert ("health.retention", Phase.POST, True) in names
+        assert ("health.gen_retention", Phase.POST, True) in names  # says it, not only prefers it
         assert ("health.perplexity", Phase.PRE, True) in names and ("health.perplexity", Phase.POST, True) in names
         assert {m.correction_id for m in rows if m.name == "health.holds"} == {1, 2, 3}
         event = session.scalars(select(AuditEvent).where(AuditEvent.kind == "health_checked")).all()[-1]
         assert event.edit_id == 4 and event.payload["tested"] == 3
+        says = {m.correction_id: m.value for m in rows if m.name == "health.says_target"}
+        assert set(says) == {1, 2, 3} and event.payload["gen_retention"] == sum(says.values()) / 3
     assert (store.home.stats_dir / model_key(daemon.identity) / "drift-sample.json").is_file()
     text = log.getvalue()
     assert "level=info event=health_checked edit=2" in text or "level=warning event=health_checked edit=2" in text
