@@ -229,3 +229,14 @@ def test_a_user_given_drift_text_is_the_sample(store, tiny, log, tmp_path, one_t
         event = session.scalars(select(AuditEvent).where(AuditEvent.kind == "health_checked")).one()
         assert event.payload["sample"] == sample_sha256(daemon.model.drift_texts)
         assert event.payload["perplexity"] > 1 and event.payload["base_perplexity"] > 1
+
+
+def test_the_threads_setting_is_honoured(store, tiny, log):
+    before = torch.get_num_threads()
+    try:
+        make_daemon(store, tiny, log, threads=1).load()
+        assert torch.get_num_threads() == 1
+        make_daemon(store, tiny, log).load()  # default: every core this process may use
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
+    finally:
+        torch.set_num_threads(before)
