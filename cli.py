@@ -627,6 +627,7 @@ def audit_verify(store: StoreContext, head_file: Path | None, as_json: bool) -> 
             "reason": None,
             "corrections": rows.corrections if rows else None,
             "checkpoints": rows.checkpoints if rows else None,
+            "edits": rows.edits if rows else None,
             "first_bad_row": None,
         }
         if broken is not None:
@@ -641,7 +642,8 @@ def audit_verify(store: StoreContext, head_file: Path | None, as_json: bool) -> 
         raise click.ClickException(f"audit chain verified, but {where} does not match its events: {mismatch.reason}")
     if not as_json and rows is not None:
         click.echo(f"audit chain verified: {count} events")
-        click.echo(f"rows match their events: {rows.corrections} corrections, {rows.checkpoints} checkpoints")
+        counts = f"{rows.corrections} corrections, {rows.checkpoints} checkpoints, {rows.edits} edits"
+        click.echo(f"rows match their events: {counts}")
         if head is not None:
             click.echo(f"the recorded head, event {head.event_id}, is in the chain")
 

@@ -22,7 +22,8 @@ from sqlalchemy import Text, cast, select
 from sqlalchemy.orm import Session
 
 from storage.audit import AuditKind
-from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus
+from storage.edits import edit_digest
+from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus, Edit
 
 SUBMITTED_FIELDS = ("prompt", "subject", "target", "original_answer", "paraphrases", "neighbors", "priority", "source")
 """What a ``submitted`` event records of its correction (besides the submitter, its actor)."""
@@ -72,19 +73,27 @@ class _CheckpointStory:
 class RowReport:
     corrections: int = 0
     checkpoints: int = 0
+    edits: int = 0
     mismatch: RowMismatch | None = None
 
 
-def _events(session: Session) -> Iterator[tuple[str, int | None, int | None, str, dict[str, Any]]]:
+def _events(session: Session) -> Iterator[tuple[str, int | None, int | None, str, dict[str, Any], int | None]]:
     table = AuditEvent.__table__
     query = (
-        select(table.c.kind, table.c.correction_id, table.c.checkpoint_id, table.c.actor, cast(table.c.payload, Text))
+        select(
+            table.c.kind,
+            table.c.correction_id,
+            table.c.checkpoint_id,
+            table.c.actor,
+            cast(table.c.payload, Text),
+            table.c.edit_id,
+        )
         .order_by(table.c.id)
         .execution_options(yield_per=1000)
     )
     with session.execute(query) as rows:
-        for kind, correction_id, checkpoint_id, actor, payload in rows:
-            yield kind, correction_id, checkpoint_id, actor, json.loads(payload) if payload else {}
+        for kind, correction_id, checkpoint_id, actor, payload, edit_id in rows:
+            yield kind, correction_id, checkpoint_id, actor, json.loads(payload) if payload else {}, edit_id
 
 
 def verify_rows(session: Session) -> RowReport:
@@ -94,7 +103,11 @@ def verify_rows(session: Session) -> RowReport:
     """
     stories: dict[int, _Story] = {}
     checkpoints: dict[int, _CheckpointStory] = {}
-    for kind, correction_id, checkpoint_id, actor, payload in _events(session):
+    edits: dict[int, str | None] = {}
+    """Edit id -> the digest its checkpoint_written event recorded (None: an event from before digests)."""
+    for kind, correction_id, checkpoint_id, actor, payload, edit_id in _events(session):
+        if kind == AuditKind.CHECKPOINT_WRITTEN and edit_id is not None:
+            edits[edit_id] = payload.get("edit_sha256")
         if correction_id is not None:
             story = stories.setdefault(correction_id, _Story())
             if kind == AuditKind.SUBMITTED:
@@ -108,8 +121,24 @@ def verify_rows(session: Session) -> RowReport:
         if checkpoint_id is not None and kind == AuditKind.CHECKPOINT_PRUNED:
             checkpoints.setdefault(checkpoint_id, _CheckpointStory()).pruned = True
     report = RowReport()
-    report.mismatch = _check_corrections(session, stories, report) or _check_checkpoints(session, checkpoints, report)
+    report.mismatch = (
+        _check_corrections(session, stories, report)
+        or _check_checkpoints(session, checkpoints, report)
+        or _check_edits(session, edits, report)
+    )
     return report
+
+
+def _check_edits(session: Session, recorded: dict[int, str | None], report: RowReport) -> RowMismatch | None:
+    """Each edit against the digest of its row and metrics in its checkpoint_written event."""
+    for edit_id in session.scalars(select(Edit.id).order_by(Edit.id)):
+        report.edits += 1
+        if edit_id not in recorded:
+            return RowMismatch("edits", edit_id, "it has no checkpoint_written event (the row was forged)")
+        digest = recorded[edit_id]
+        if digest is not None and digest != edit_digest(session, edit_id):
+            return RowMismatch("edits", edit_id, "its row or its metrics differ from its checkpoint_written event")
+    return None
 
 
 def _check_corrections(session: Session, stories: dict[int, _Story], report: RowReport) -> RowMismatch | None:

@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from storage.audit import AuditKind, append_event
+from storage.edits import edit_digest
 from storage.errors import InvalidInput, NotFound
 from storage.models import Checkpoint, RevertRequest, RevertStatus
 from storage.types import utcnow
@@ -125,6 +126,7 @@ def audit_checkpoint(session: Session, checkpoint: Checkpoint, actor: str, edit_
             "parent": checkpoint.parent_id,
             "sha256": checkpoint.sha256,
             "size_bytes": checkpoint.size_bytes,
+            **({"edit_sha256": edit_digest(session, edit_id)} if edit_id is not None else {}),
         },
     )
 

@@ -6,12 +6,15 @@ checkpoint, edit, metrics, status changes and audit events commit together or no
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from storage.models import Edit, Metric, Phase
@@ -66,3 +69,27 @@ def add_metrics(session: Session, edit_id: int, values: Iterable[MetricValue]) -
     session.add_all(rows)
     session.flush()
     return len(rows)
+
+
+def edit_digest(session: Session, edit_id: int) -> str:
+    """sha256 of an edit's row and its metrics as the batch recorded them (health checks, which add
+    ``health.*`` metrics to an edit later, are left out); the batch's checkpoint_written event
+    carries it, so that `audit verify` finds an edit or a metric changed afterwards."""
+    edit = session.get(Edit, edit_id)
+    if edit is None:
+        raise ValueError(f"edit {edit_id} does not exist")
+    metrics = session.execute(
+        select(Metric.correction_id, Metric.name, Metric.phase, Metric.value)
+        .where(Metric.edit_id == edit_id, ~Metric.name.like("health.%"))
+        .order_by(Metric.correction_id, Metric.name, Metric.phase, Metric.value)
+    ).all()
+    content = {
+        "method": edit.method,
+        "model": edit.model,
+        "layers": list(edit.layers),
+        "hparams": edit.hparams,
+        "before": edit.checkpoint_before_id,
+        "after": edit.checkpoint_after_id,
+        "metrics": [[c, n, Phase(p).value, repr(float(v))] for c, n, p, v in metrics],
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

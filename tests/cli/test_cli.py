@@ -194,7 +194,7 @@ def test_show_tells_the_whole_story_with_edit_and_metrics(metake, sessions):
     second_row = metake("checkpoints").stdout.splitlines()[2].split()
     assert second_row[:2] + second_row[4:7] == ["2", "1", "100", "bbbbbbbbbbbb", "kept"]
     assert metake("audit", "verify").stdout == (
-        "audit chain verified: 5 events\nrows match their events: 1 corrections, 2 checkpoints\n"
+        "audit chain verified: 5 events\nrows match their events: 1 corrections, 2 checkpoints, 1 edits\n"
     )
 
 

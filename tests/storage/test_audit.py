@@ -11,8 +11,8 @@ from sqlalchemy import select, text
 from storage.audit import GENESIS_HASH, append_event, event_hash, verify_chain
 from storage.checkpoints import audit_checkpoint
 from storage.intake import make_correction
-from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus
-from storage.queue import claim_batch, submit_many
+from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus, Edit, Metric, Phase
+from storage.queue import claim_batch, mark_applied, submit_many
 
 
 def fill(sessions, count: int = 3) -> None:
@@ -201,7 +201,8 @@ ROW_TAMPERING = [
 def test_rows_that_differ_from_their_events_are_found(sessions, engine, metake, tamper, row, reason):
     """The chain alone passes all of these (what is left of it is intact); the row check does not."""
     fill_with_checkpoint(sessions)
-    assert metake("audit", "verify").stdout.splitlines()[1] == "rows match their events: 3 corrections, 1 checkpoints"
+    expected = "rows match their events: 3 corrections, 1 checkpoints, 0 edits"
+    assert metake("audit", "verify").stdout.splitlines()[1] == expected
     if callable(tamper):
         tamper(sessions)
     else:
@@ -277,3 +278,50 @@ def test_a_head_file_that_is_not_one_is_one_line(metake, sessions, tmp_path):
     assert metake("audit", "verify", "--head", str(bad)).stderr == (
         f"Error: {bad} is not a head written by `metake audit head`\n"
     )
+
+
+def _applied_edit(sessions) -> None:
+    """Correction 1 applied by edit 1 with two metrics; its checkpoint_written event carries the digest."""
+    fill(sessions, count=1)
+    with sessions.begin() as session:
+        checkpoint = Checkpoint(path="m/1.safetensors", sha256="ab" * 32, size_bytes=10, base_model="m")
+        session.add(checkpoint)
+        session.flush()
+        edit = Edit(method="metake", model="m", layers=[4], checkpoint_after_id=checkpoint.id)
+        session.add(edit)
+        session.flush()
+        session.add_all(
+            [
+                Metric(edit_id=edit.id, correction_id=1, name="target_prob", phase=Phase.PRE, value=0.01),
+                Metric(edit_id=edit.id, correction_id=1, name="target_prob", phase=Phase.POST, value=0.93),
+            ]
+        )
+        session.flush()
+        mark_applied(session, session.scalars(select(Correction)).all(), edit.id, worker="worker")
+        audit_checkpoint(session, checkpoint, "worker", edit_id=edit.id)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        ("UPDATE metrics SET value = 0.02 WHERE phase = 'post'", "its row or its metrics differ"),
+        ("UPDATE edits SET method = 'memit'", "its row or its metrics differ"),
+        ("DELETE FROM metrics WHERE phase = 'pre'", "its row or its metrics differ"),
+        (
+            "INSERT INTO edits (method, model, hparams, layers, started_at, timings) "
+            "SELECT method, model, hparams, layers, started_at, timings FROM edits",
+            "it has no checkpoint_written event (the row was forged)",
+        ),
+    ],
+    ids=["metric-value", "edit-method", "metric-deleted", "forged-edit"],
+)
+def test_edits_and_their_metrics_are_checked_against_their_checkpoint_event(sessions, engine, metake, tamper, reason):
+    _applied_edit(sessions)
+    with sessions.begin() as session:  # a later health check adds metrics to the edit: still fine
+        session.add(Metric(edit_id=1, correction_id=1, name="health.holds", phase=Phase.POST, value=1.0))
+    assert metake("audit", "verify").stdout.splitlines()[1].endswith("1 checkpoints, 1 edits")
+    with engine.begin() as connection:
+        connection.execute(text(tamper))
+    result = metake("audit", "verify")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: audit chain verified, but edit ") and reason in result.stderr
