@@ -79,6 +79,13 @@ def _read_text_sample(path: Path | None, max_chars: int) -> list[str]:
     help="torch CPU threads (default: the cores this process may use); recorded with the results.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per method instead of a table.")
+@click.option(
+    "--lifelong",
+    is_flag=True,
+    help="Stream the records and measure every --eval-every edits: curves.jsonl and plots in --out (resumable).",
+)
+@click.option("--eval-every", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="With --lifelong: its folder.")
 @click.pass_context
 def bench(
     ctx: click.Context,
@@ -100,6 +107,9 @@ def bench(
     dtype: str,
     threads: int | None,
     as_json: bool,
+    lifelong: bool,
+    eval_every: int,
+    out_dir: Path | None,
 ) -> None:
     """Edit the first N records in sequence with each method on the same model; print one table."""
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
@@ -156,6 +166,23 @@ def bench(
     records = load_zsre(data, n, offset) if zsre else load_counterfact(data, n, offset)
     if not records:
         raise click.UsageError(f"no records in {data} from record {offset} on")
+    if lifelong:
+        if out_dir is None or zsre:
+            raise click.UsageError("--lifelong needs --out DIR and CounterFact records")
+        from evaluation.lifelong import run_lifelong
+
+        points = run_lifelong(
+            loaded,
+            {m: tuned.get(m, hp).with_changes(method=m) for m in chosen},
+            records,  # type: ignore[arg-type]
+            batch_size,
+            eval_every,
+            out_dir,
+            home.stats_dir,
+            _read_text_sample(ppl_text, ppl_chars),
+        )
+        click.echo(f"{len(points)} points in {out_dir / 'curves.jsonl'}; plots in {out_dir}")
+        return
     results = run_benchmark(
         loaded,
         hp,

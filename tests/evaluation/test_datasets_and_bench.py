@@ -197,3 +197,40 @@ def test_bench_reports_generation_metrics_for_counterfact(tiny_llama, tmp_path, 
     metrics, _ = evaluate_model(loaded, records, [], 0, None)
     assert (metrics["gen_efficacy"], metrics["gen_paraphrase"], metrics["gen_neighbourhood"]) == (50.0, 50.0, 50.0)
     assert sorted(prompts_seen) == sorted(said)
+
+
+def test_lifelong_run_writes_curves_and_plots_and_resumes_where_it_stopped(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    from evaluation.lifelong import run_lifelong
+
+    loaded = load_model(tiny_llama[0], device="cpu")
+    hp = EditHyperParams.from_file(tiny_llama[1])
+    records = load_counterfact(counterfact_file(tmp_path / "cf.json"), 5)
+    methods = {"alphaedit": hp.with_changes(method="alphaedit")}
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    points = run_lifelong(loaded, methods, records, 1, 2, whole, None, [], progress=False)
+    assert [p["edits"] for p in points] == [2, 4, 5]
+    assert set(points[0]) >= {"retention", "window_efficacy", "specificity", "norm_growth", "log10_condition"}
+    assert points[-1]["retention_tested"] == 5 and points[0]["max_norm_growth"] > 0
+    assert {p.name for p in whole.glob("*.png")} >= {"retention.png", "max_norm_growth.png", "log10_condition.png"}
+    run_lifelong(loaded, methods, records[:3], 1, 2, parts, None, [], progress=False)  # interrupted after 3
+    resumed = run_lifelong(loaded, methods, records, 1, 2, parts, None, [], progress=False)
+    assert [p["edits"] for p in resumed] == [2, 3, 4, 5]
+    a = load_file(whole / "resume-alphaedit-weights.safetensors")
+    b = load_file(parts / "resume-alphaedit-weights.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # as if never interrupted
+
+
+def test_bench_lifelong_from_the_command_line(tiny_llama, tmp_path):
+    model, hparams = tiny_llama
+    data = counterfact_file(tmp_path / "cf.json")
+    out = tmp_path / "curves"
+    args = ["--home", str(tmp_path / "home"), "bench", "--data", str(data), "--n", "4", "--methods", "memit"]
+    args += ["--model", str(model), "--hparams", str(hparams), "--device", "cpu", "--threads", "1"]
+    result = CliRunner().invoke(main, [*args, "--lifelong", "--eval-every", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == f"2 points in {out / 'curves.jsonl'}; plots in {out}"
+    assert [json.loads(line)["edits"] for line in (out / "curves.jsonl").read_text().splitlines()] == [2, 4]
+    refused = CliRunner().invoke(main, [*args, "--lifelong"])
+    assert refused.exit_code == 2 and "--lifelong needs --out DIR" in refused.output

@@ -1,0 +1,205 @@
+"""`metake bench --lifelong`: stream thousands of corrections through a method and watch the model live.
+
+Every ``eval_every`` edits the model as it is then is measured: retention of earlier corrections (a
+fixed sample: the first 50 and up to 150 more drawn once with a seed), efficacy and generalisation
+of the last window, generation-based efficacy of the last window, specificity on a fixed set of
+neighbourhood prompts, perplexity on a fixed text, each edited layer's ``||W - W0|| / ||W0||``,
+the conditioning of the accumulated constraint of the last layer, the window's median realised
+gain and seconds per edit. Each point is one JSON line in ``DIR/curves.jsonl``; ``DIR/*.png``
+draws one figure per quantity with every method on the same axes. After each point the weights
+and the editor state are saved, so an interrupted run resumes from its last point.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from engine.architecture import edited_weight
+from engine.editor import EditFailed, Editor
+from engine.hparams import EditHyperParams
+from engine.models import LoadedModel
+from engine.state import EditorState
+from evaluation.counterfact import CounterFactRecord
+from evaluation.metrics import counterfact_metrics, generation_metrics, perplexity, score_records
+
+RETENTION_FIRST = 50
+RETENTION_MORE = 150
+NEIGHBOURHOOD_SET = 100
+
+PLOTTED = {
+    "retention": "retention of earlier corrections (%)",
+    "window_efficacy": "efficacy of the last window (%)",
+    "window_generalisation": "generalisation of the last window (%)",
+    "window_gen_efficacy": "generation-based efficacy of the last window (%)",
+    "specificity": "specificity on a fixed neighbourhood set (%)",
+    "perplexity": "perplexity on a fixed text",
+    "max_norm_growth": "largest ||W - W0|| / ||W0|| over the edited layers",
+    "log10_condition": "log10 condition number of the last layer's C_prev + alpha I",
+    "median_gain": "median realised gain of the window",
+    "s_per_edit": "seconds per edit (window median)",
+}
+
+
+def retention_sample(n_records: int, seed: int = 0) -> list[int]:
+    """Indices re-tested at every point: the first 50 and up to 150 more, drawn once."""
+    first = list(range(min(RETENTION_FIRST, n_records)))
+    rest = list(range(len(first), n_records))
+    return first + sorted(random.Random(seed).sample(rest, min(RETENTION_MORE, len(rest))))
+
+
+def run_lifelong(
+    loaded: LoadedModel,
+    hparams: dict[str, EditHyperParams],
+    records: list[CounterFactRecord],
+    batch_size: int,
+    eval_every: int,
+    out: Path,
+    stats_dir: Path | None,
+    texts: list[str],
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every method in ``hparams`` over ``records`` (resuming what ``out`` holds); returns all points."""
+    out.mkdir(parents=True, exist_ok=True)
+    curves = out / "curves.jsonl"
+    sample = retention_sample(len(records))
+    neighbours = records[:NEIGHBOURHOOD_SET]
+    first_editor = Editor(loaded, next(iter(hparams.values())), stats_dir)
+    base = first_editor.edited_weights()
+    for method, hp in hparams.items():
+        first_editor.load_weights(base)
+        editor = Editor(loaded, hp, stats_dir)
+        done, state = _resume(out, method, editor)
+        window_seconds: list[float] = []
+        window_gains: list[float] = []
+        bar = tqdm(total=len(records), initial=done, desc=f"{method} lifelong", disable=not progress)
+        while done < len(records):
+            batch = records[done : done + batch_size]
+            began = time.perf_counter()
+            try:
+                outcome = editor.apply([r.request() for r in batch], state)
+                state = outcome.state
+                window_gains += [d.realised_gain for d in outcome.applied]
+            except EditFailed:
+                pass  # counted as not retained: the records stay unedited
+            window_seconds.append((time.perf_counter() - began) / len(batch))
+            done += len(batch)
+            bar.update(len(batch))
+            if done % eval_every < batch_size or done == len(records):
+                point = _measure(loaded, editor, state, base, records, done, eval_every, sample, neighbours, texts)
+                point |= {
+                    "method": method,
+                    "edits": done,
+                    "median_gain": statistics.median(window_gains) if window_gains else None,
+                    "s_per_edit": statistics.median(window_seconds),
+                }
+                with curves.open("a") as handle:
+                    handle.write(json.dumps(point) + "\n")
+                _save(out, method, editor, state, done)
+                window_seconds, window_gains = [], []
+        bar.close()
+    first_editor.load_weights(base)
+    points = [json.loads(line) for line in curves.read_text().splitlines() if line.strip()]
+    draw_curves(points, out)
+    return points
+
+
+def _measure(
+    loaded: LoadedModel,
+    editor: Editor,
+    state: EditorState,
+    base: dict[str, torch.Tensor],
+    records: list[CounterFactRecord],
+    done: int,
+    eval_every: int,
+    sample: list[int],
+    neighbours: list[CounterFactRecord],
+    texts: list[str],
+) -> dict[str, Any]:
+    model, tokenizer = loaded.model, loaded.tokenizer
+    earlier = [records[i] for i in sample if i < done]
+    window = records[max(0, done - eval_every) : done]
+    retained = counterfact_metrics(score_records(model, tokenizer, earlier))["efficacy"] if earlier else None
+    window_metrics = counterfact_metrics(score_records(model, tokenizer, window))
+    specificity = counterfact_metrics(score_records(model, tokenizer, neighbours))["specificity"]
+    growth = {}
+    for layer in editor.hparams.layers:
+        name = f"{loaded.spec.mlp_out_of(layer)}.weight"
+        w0 = base[name].double()
+        growth[str(layer)] = float((edited_weight(model, loaded.spec, layer).detach().double() - w0).norm() / w0.norm())
+    last = editor.hparams.last_layer
+    constraint = state.constraints[last].double() + editor.hparams.solver.alpha * torch.eye(
+        state.constraints[last].shape[0], dtype=torch.float64, device=state.constraints[last].device
+    )
+    eigenvalues = torch.linalg.eigvalsh(constraint)
+    condition = float(eigenvalues.max() / eigenvalues.min().clamp(min=1e-300))
+    return {
+        "retention": retained,
+        "retention_tested": len(earlier),
+        "window_efficacy": window_metrics["efficacy"],
+        "window_generalisation": window_metrics["generalisation"],
+        "window_gen_efficacy": generation_metrics(model, tokenizer, window)["gen_efficacy"],
+        "specificity": specificity,
+        "perplexity": perplexity(model, tokenizer, texts) if texts else None,
+        "norm_growth": growth,
+        "max_norm_growth": max(growth.values()),
+        "log10_condition": float(torch.log10(torch.tensor(condition))),
+    }
+
+
+def _paths(out: Path, method: str) -> tuple[Path, Path, Path]:
+    return out / f"resume-{method}.json", out / f"resume-{method}-weights.safetensors", out / f"resume-{method}-state"
+
+
+def _save(out: Path, method: str, editor: Editor, state: EditorState, done: int) -> None:
+    meta, weights, state_path = _paths(out, method)
+    save_file({k: v.contiguous().cpu() for k, v in editor.edited_weights().items()}, weights)
+    state.save(state_path)
+    meta.write_text(json.dumps({"edits": done}))
+
+
+def _resume(out: Path, method: str, editor: Editor) -> tuple[int, EditorState]:
+    """Where a method left off: (edits done, its state), weights loaded; (0, a fresh state) otherwise."""
+    meta, weights, state_path = _paths(out, method)
+    if not meta.exists():
+        return 0, editor.new_state()
+    state = EditorState.load(state_path, editor.loaded.device)
+    editor.check_state(state)
+    editor.load_weights({k: v.to(editor.loaded.device) for k, v in load_file(weights).items()})
+    return int(json.loads(meta.read_text())["edits"]), state
+
+
+def draw_curves(points: list[dict[str, Any]], out: Path) -> list[Path]:
+    """One PNG per quantity, every method on the same axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    methods = sorted({p["method"] for p in points})
+    for key, label in PLOTTED.items():
+        figure, axis = plt.subplots(figsize=(7, 3.5))
+        drawn = False
+        for method in methods:
+            mine = sorted((p["edits"], p[key]) for p in points if p["method"] == method and p.get(key) is not None)
+            if mine:
+                axis.plot([e for e, _ in mine], [v for _, v in mine], marker=".", label=method)
+                drawn = True
+        if drawn:
+            axis.set_xlabel("corrections applied")
+            axis.set_ylabel(label, fontsize=8)
+            axis.legend()
+            path = out / f"{key}.png"
+            figure.savefig(path, dpi=100, bbox_inches="tight")
+            written.append(path)
+        plt.close(figure)
+    return written
