@@ -14,7 +14,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +136,16 @@ def evaluate_model(
     return metrics, scores
 
 
+def weight_growth(loaded: LoadedModel, base: dict[str, torch.Tensor], layers: Iterable[int]) -> dict[int, float]:
+    """``||W - W0|| / ||W0||`` of each edited layer, against the base weights ``base``."""
+    growth = {}
+    for layer in layers:
+        w0 = base[f"{loaded.spec.mlp_out_of(layer)}.weight"].double()
+        w = edited_weight(loaded.model, loaded.spec, layer).detach().double()
+        growth[layer] = float((w - w0).norm() / w0.norm())
+    return growth
+
+
 def run_benchmark(
     loaded: LoadedModel,
     hparams: EditHyperParams,
@@ -189,11 +199,7 @@ def run_benchmark(
         result.peak_rss_mb = memory.peak_rss / 2**20
         cuda = memory.cuda_peak()
         result.peak_cuda_mb = cuda / 2**20 if cuda is not None else None
-        for layer in hparams.layers:
-            name = f"{loaded.spec.mlp_out_of(layer)}.weight"
-            w0 = base_weights[name].double()
-            w = edited_weight(loaded.model, loaded.spec, layer).detach().double()
-            result.relative_weight_change[layer] = float((w - w0).norm() / w0.norm())
+        result.relative_weight_change = weight_growth(loaded, base_weights, hparams.layers)
         result.metrics, _ = evaluate_model(loaded, records, texts, fluency_n, base_scores)
         if "perplexity" in base_metrics:
             result.metrics["perplexity_drift"] = result.metrics["perplexity"] - base_metrics["perplexity"]

@@ -23,11 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from engine.architecture import edited_weight
 from engine.editor import EditFailed, Editor
 from engine.hparams import EditHyperParams
 from engine.models import LoadedModel
 from engine.state import EditorState
+from evaluation.bench import weight_growth
 from evaluation.counterfact import CounterFactRecord
 from evaluation.metrics import counterfact_metrics, generation_metrics, perplexity, score_records
 
@@ -130,11 +130,7 @@ def _measure(
     retained = counterfact_metrics(score_records(model, tokenizer, earlier))["efficacy"] if earlier else None
     window_metrics = counterfact_metrics(score_records(model, tokenizer, window))
     specificity = counterfact_metrics(score_records(model, tokenizer, neighbours))["specificity"]
-    growth = {}
-    for layer in editor.hparams.layers:
-        name = f"{loaded.spec.mlp_out_of(layer)}.weight"
-        w0 = base[name].double()
-        growth[str(layer)] = float((edited_weight(model, loaded.spec, layer).detach().double() - w0).norm() / w0.norm())
+    growth = {str(layer): value for layer, value in weight_growth(loaded, base, editor.hparams.layers).items()}
     last = editor.hparams.last_layer
     constraint = state.constraints[last].double() + editor.hparams.solver.alpha * torch.eye(
         state.constraints[last].shape[0], dtype=torch.float64, device=state.constraints[last].device

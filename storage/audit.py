@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Row, Text, cast, func, select
+from sqlalchemy import ColumnElement, Row, Text, cast, func, select
 from sqlalchemy.orm import Session
 
 from storage.models import AuditEvent
@@ -151,15 +151,25 @@ def append_event(
     return append_events(session, [new])[0]
 
 
-def verify_chain(session: Session) -> ChainBreak | None:
-    """Walk the chain in id order; return the first event that does not verify, or None."""
-    expected_id, expected_prev = 1, GENESIS_HASH
-    # Plain rows, not ORM objects: objects already in the session would hide the stored values.
+def payload_text() -> ColumnElement[str]:
+    """The payload column read as text, for the checks to parse themselves: a row rewritten with a
+    payload that is not JSON is then a finding at that row, not an error while fetching it."""
+    return cast(AuditEvent.__table__.c.payload, Text).label("payload_text")
+
+
+def verify_chain(session: Session, start: int = 1) -> ChainBreak | None:
+    """Walk the chain in id order from event ``start``; return the first event that does not verify.
+
+    From a later ``start`` (a quick check of the newest events) the first event is linked to the
+    stored hash of the one before it.
+    """
     table = AuditEvent.__table__
-    # The payload is read as text and parsed here: a row rewritten with a payload that is not JSON
-    # is then a break of the chain at that row, not an error while fetching it.
-    columns = [c for c in table.c if c.name != "payload"] + [cast(table.c.payload, Text).label("payload_text")]
-    query = select(*columns).order_by(table.c.id).execution_options(yield_per=1000)
+    expected_id, expected_prev = start, GENESIS_HASH
+    if start > 1:
+        expected_prev = session.scalar(select(table.c.hash).where(table.c.id == start - 1)) or ""
+    # Plain rows, not ORM objects: objects already in the session would hide the stored values.
+    columns = [c for c in table.c if c.name != "payload"] + [payload_text()]
+    query = select(*columns).where(table.c.id >= start).order_by(table.c.id).execution_options(yield_per=1000)
     with session.execute(query) as rows:  # closes the server-side cursor on an early return
         for row in rows:
             fields = dict(row._mapping)

@@ -18,10 +18,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Text, cast, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from storage.audit import AuditKind
+from storage.audit import AuditKind, payload_text
 from storage.edits import edit_digest
 from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus, Edit
 
@@ -85,7 +85,7 @@ def _events(session: Session) -> Iterator[tuple[str, int | None, int | None, str
             table.c.correction_id,
             table.c.checkpoint_id,
             table.c.actor,
-            cast(table.c.payload, Text),
+            payload_text(),
             table.c.edit_id,
         )
         .order_by(table.c.id)

@@ -119,10 +119,15 @@ def connect(engine: Engine) -> Iterator[Connection]:
         yield connection
 
 
+def _first_line(error: exc.DBAPIError) -> str:
+    """The driver's message, first line (PostgreSQL adds detail and hint lines after it)."""
+    lines = str(error.orig).strip().splitlines()
+    return lines[0] if lines else type(error.orig).__name__
+
+
 def database_error_message(error: exc.DBAPIError) -> str:
     """One line for a database error a command did not expect (a busy or damaged database)."""
-    lines = str(error.orig).strip().splitlines()
-    reason = lines[0] if lines else type(error.orig).__name__
+    reason = _first_line(error)
     if "database is locked" in reason or "lock timeout" in reason:
         return "the database is busy: another metake process holds its write lock (an import?); retry"
     if "malformed" in reason or "not a database" in reason:
@@ -142,8 +147,7 @@ def damage_report(session: Session) -> str | None:
 
 
 def _unreachable_message(url: URL, error: exc.DBAPIError) -> str:
-    lines = str(error.orig).strip().splitlines()
-    reason = lines[0] if lines else type(error.orig).__name__
+    reason = _first_line(error)
     if url.password:
         reason = reason.replace(str(url.password), "***")
     return f"cannot reach database {display_url(url)}: {reason}"

@@ -7,7 +7,6 @@ checkpoint, edit, metrics, status changes and audit events commit together or no
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from storage.audit import canonical_json
 from storage.models import Edit, Metric, Phase
 
 
@@ -92,4 +92,4 @@ def edit_digest(session: Session, edit_id: int) -> str:
         "after": edit.checkpoint_after_id,
         "metrics": [[c, n, Phase(p).value, repr(float(v))] for c, n, p, v in metrics],
     }
-    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(canonical_json(content).encode()).hexdigest()

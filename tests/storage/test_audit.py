@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy.exc
 from sqlalchemy import select, text
 
-from storage.audit import GENESIS_HASH, append_event, event_hash, verify_chain
+from storage.audit import GENESIS_HASH, ChainBreak, append_event, event_hash, verify_chain
 from storage.checkpoints import audit_checkpoint
 from storage.intake import make_correction
 from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus, Edit, Metric, Phase
@@ -325,3 +325,19 @@ def test_edits_and_their_metrics_are_checked_against_their_checkpoint_event(sess
     result = metake("audit", "verify")
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: audit chain verified, but edit ") and reason in result.stderr
+
+
+def test_a_walk_from_a_later_event_links_it_to_the_one_before(sessions, engine):
+    """`metake status` checks only the newest events this way; the first of them must still link."""
+    fill(sessions)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE audit_events SET actor = 'mallory' WHERE id = 2"))
+    with sessions() as session:
+        assert verify_chain(session, start=4) is None  # the altered event is before the window
+        assert verify_chain(session, start=2).event_id == 2
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE audit_events SET prev_hash = :h WHERE id = 4"), {"h": "1" * 64})
+    with sessions() as session:
+        assert verify_chain(session, start=4) == ChainBreak(
+            4, "its prev_hash does not match the hash of the event before it"
+        )
