@@ -1,13 +1,14 @@
 """`metake bench --lifelong`: stream thousands of corrections through a method and watch the model live.
 
-Every ``eval_every`` edits the model as it is then is measured: retention of earlier corrections (a
-fixed sample: the first 50 and up to 150 more drawn once with a seed), efficacy and generalisation
-of the last window, generation-based efficacy of the last window, specificity on a fixed set of
-neighbourhood prompts, perplexity on a fixed text, each edited layer's ``||W - W0|| / ||W0||``,
-the conditioning of the accumulated constraint of the last layer, the window's median realised
-gain and seconds per edit. Each point is one JSON line in ``DIR/curves.jsonl``; ``DIR/*.png``
-draws one figure per quantity with every method on the same axes. After each point the weights
-and the editor state are saved, so an interrupted run resumes from its last point.
+Every ``eval_every`` edits the model as it is then is measured: retention of earlier corrections
+(a fixed sample: the first 100, also reported alone, and up to 100 more drawn once with a seed),
+efficacy, generalisation and generation-based efficacy of the last window, specificity on a fixed
+set of neighbourhood prompts, perplexity on a fixed text, each edited layer's
+``||W - W0|| / ||W0||``, the conditioning of the last layer's accumulated constraint, the window's
+median realised gain and seconds per edit. Each point is one JSON line in ``DIR/curves.jsonl``;
+``DIR/*.png`` draws one figure per quantity with every method on the same axes. After each point
+the weights and the editor state are saved, so an interrupted run resumes from its last point.
+Methods take turns window by window, so a run stopped early still compares them at one length.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import random
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +33,13 @@ from evaluation.bench import weight_growth
 from evaluation.counterfact import CounterFactRecord
 from evaluation.metrics import counterfact_metrics, generation_metrics, perplexity, score_records
 
-RETENTION_FIRST = 50
-RETENTION_MORE = 150
+RETENTION_FIRST = 100
+RETENTION_MORE = 100
 NEIGHBOURHOOD_SET = 100
 
 PLOTTED = {
     "retention": "retention of earlier corrections (%)",
+    "retention_first": "retention of the first 100 corrections (%)",
     "window_efficacy": "efficacy of the last window (%)",
     "window_generalisation": "generalisation of the last window (%)",
     "window_gen_efficacy": "generation-based efficacy of the last window (%)",
@@ -50,7 +53,7 @@ PLOTTED = {
 
 
 def retention_sample(n_records: int, seed: int = 0) -> list[int]:
-    """Indices re-tested at every point: the first 50 and up to 150 more, drawn once."""
+    """Indices re-tested at every point: the first 100 and up to 100 more, drawn once."""
     first = list(range(min(RETENTION_FIRST, n_records)))
     rest = list(range(len(first), n_records))
     return first + sorted(random.Random(seed).sample(rest, min(RETENTION_MORE, len(rest))))
@@ -70,67 +73,96 @@ def run_lifelong(
     """Run every method in ``hparams`` over ``records`` (resuming what ``out`` holds); returns all points."""
     out.mkdir(parents=True, exist_ok=True)
     curves = out / "curves.jsonl"
-    sample = retention_sample(len(records))
-    neighbours = records[:NEIGHBOURHOOD_SET]
-    first_editor = Editor(loaded, next(iter(hparams.values())), stats_dir)
-    base = first_editor.edited_weights()
-    for method, hp in hparams.items():
-        first_editor.load_weights(base)
-        editor = Editor(loaded, hp, stats_dir)
+    editors = {method: Editor(loaded, hp, stats_dir) for method, hp in hparams.items()}
+    base = next(iter(editors.values())).edited_weights()
+    stream = _Stream(
+        records, batch_size, eval_every, retention_sample(len(records)), records[:NEIGHBOURHOOD_SET], texts, base
+    )
+    runs = {}
+    for method, editor in editors.items():
+        editor.load_weights(base)
         done, state = _resume(out, method, editor)
-        window_seconds: list[float] = []
-        window_gains: list[float] = []
-        bar = tqdm(total=len(records), initial=done, desc=f"{method} lifelong", disable=not progress)
-        while done < len(records):
-            batch = records[done : done + batch_size]
-            began = time.perf_counter()
-            try:
-                outcome = editor.apply([r.request() for r in batch], state)
-                state = outcome.state
-                window_gains += [d.realised_gain for d in outcome.applied]
-            except EditFailed:
-                pass  # counted as not retained: the records stay unedited
-            window_seconds.append((time.perf_counter() - began) / len(batch))
-            done += len(batch)
-            bar.update(len(batch))
-            if done % eval_every < batch_size or done == len(records):
-                point = _measure(loaded, editor, state, base, records, done, eval_every, sample, neighbours, texts)
-                point |= {
-                    "method": method,
-                    "edits": done,
-                    "median_gain": statistics.median(window_gains) if window_gains else None,
-                    "s_per_edit": statistics.median(window_seconds),
-                }
-                with curves.open("a") as handle:
-                    handle.write(json.dumps(point) + "\n")
-                _save(out, method, editor, state, done)
-                window_seconds, window_gains = [], []
+        runs[method] = _Run(done, state, editor.edited_weights())
+    bars = {
+        m: tqdm(total=len(records), initial=r.done, desc=f"{m} lifelong", disable=not progress) for m, r in runs.items()
+    }
+    # The methods take turns, one evaluation window each, so that an interrupted run leaves every
+    # method's curve at (nearly) the same length.
+    while any(run.done < len(records) for run in runs.values()):
+        for method, run in runs.items():
+            if run.done >= len(records):
+                continue
+            editor = editors[method]
+            editor.load_weights(run.weights)
+            point = _window(loaded, editor, run, stream, bars[method]) | {"method": method}
+            with curves.open("a") as handle:
+                handle.write(json.dumps(point) + "\n")
+            run.weights = editor.edited_weights()
+            _save(out, method, editor, run.state, run.done)
+    for bar in bars.values():
         bar.close()
-    first_editor.load_weights(base)
+    next(iter(editors.values())).load_weights(base)
     points = [json.loads(line) for line in curves.read_text().splitlines() if line.strip()]
     draw_curves(points, out)
     return points
 
 
-def _measure(
-    loaded: LoadedModel,
-    editor: Editor,
-    state: EditorState,
-    base: dict[str, torch.Tensor],
-    records: list[CounterFactRecord],
-    done: int,
-    eval_every: int,
-    sample: list[int],
-    neighbours: list[CounterFactRecord],
-    texts: list[str],
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Stream:
+    """What every method sees: the records, the batching and the fixed evaluation sets."""
+
+    records: list[CounterFactRecord]
+    batch_size: int
+    eval_every: int
+    sample: list[int]
+    neighbours: list[CounterFactRecord]
+    texts: list[str]
+    base: dict[str, torch.Tensor]
+
+
+@dataclass
+class _Run:
+    """One method's place in the stream: edits done, its editor state and its edited weights."""
+
+    done: int
+    state: EditorState
+    weights: dict[str, torch.Tensor]
+
+
+def _window(loaded: LoadedModel, editor: Editor, run: _Run, stream: _Stream, bar: Any) -> dict[str, Any]:
+    """Apply records up to the next evaluation point (editing ``run`` in place) and measure there."""
+    seconds: list[float] = []
+    gains: list[float] = []
+    while True:
+        batch = stream.records[run.done : run.done + stream.batch_size]
+        began = time.perf_counter()
+        try:
+            outcome = editor.apply([r.request() for r in batch], run.state)
+            run.state = outcome.state
+            gains += [d.realised_gain for d in outcome.applied]
+        except EditFailed:
+            pass  # counted as not retained: the records stay unedited
+        seconds.append((time.perf_counter() - began) / len(batch))
+        run.done += len(batch)
+        bar.update(len(batch))
+        if run.done % stream.eval_every < stream.batch_size or run.done == len(stream.records):
+            break
+    return _measure(loaded, editor, run.state, run.done, stream) | {
+        "edits": run.done,
+        "median_gain": statistics.median(gains) if gains else None,
+        "s_per_edit": statistics.median(seconds),
+    }
+
+
+def _measure(loaded: LoadedModel, editor: Editor, state: EditorState, done: int, stream: _Stream) -> dict[str, Any]:
     model, tokenizer = loaded.model, loaded.tokenizer
-    earlier = [records[i] for i in sample if i < done]
-    window = records[max(0, done - eval_every) : done]
-    retained = counterfact_metrics(score_records(model, tokenizer, earlier))["efficacy"] if earlier else None
+    earlier = [stream.records[i] for i in stream.sample if i < done]
+    earlier_scores = score_records(model, tokenizer, earlier) if earlier else []
+    first = earlier_scores[: min(done, RETENTION_FIRST)]
+    window = stream.records[max(0, done - stream.eval_every) : done]
     window_metrics = counterfact_metrics(score_records(model, tokenizer, window))
-    specificity = counterfact_metrics(score_records(model, tokenizer, neighbours))["specificity"]
-    growth = {str(layer): value for layer, value in weight_growth(loaded, base, editor.hparams.layers).items()}
+    specificity = counterfact_metrics(score_records(model, tokenizer, stream.neighbours))["specificity"]
+    growth = {str(layer): value for layer, value in weight_growth(loaded, stream.base, editor.hparams.layers).items()}
     last = editor.hparams.last_layer
     constraint = state.constraints[last].double() + editor.hparams.solver.alpha * torch.eye(
         state.constraints[last].shape[0], dtype=torch.float64, device=state.constraints[last].device
@@ -138,13 +170,14 @@ def _measure(
     eigenvalues = torch.linalg.eigvalsh(constraint)
     condition = float(eigenvalues.max() / eigenvalues.min().clamp(min=1e-300))
     return {
-        "retention": retained,
+        "retention": counterfact_metrics(earlier_scores)["efficacy"] if earlier else None,
+        "retention_first": counterfact_metrics(first)["efficacy"] if first else None,
         "retention_tested": len(earlier),
         "window_efficacy": window_metrics["efficacy"],
         "window_generalisation": window_metrics["generalisation"],
         "window_gen_efficacy": generation_metrics(model, tokenizer, window)["gen_efficacy"],
         "specificity": specificity,
-        "perplexity": perplexity(model, tokenizer, texts) if texts else None,
+        "perplexity": perplexity(model, tokenizer, stream.texts) if stream.texts else None,
         "norm_growth": growth,
         "max_norm_growth": max(growth.values()),
         "log10_condition": float(torch.log10(torch.tensor(condition))),

@@ -222,6 +222,26 @@ def test_lifelong_run_writes_curves_and_plots_and_resumes_where_it_stopped(tiny_
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # as if never interrupted
 
 
+def test_lifelong_methods_take_turns_without_touching_each_others_weights(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    from evaluation.lifelong import run_lifelong
+
+    loaded = load_model(tiny_llama[0], device="cpu")
+    hp = EditHyperParams.from_file(tiny_llama[1])
+    records = load_counterfact(counterfact_file(tmp_path / "cf.json"), 5)
+    both = {"alphaedit": hp.with_changes(method="alphaedit"), "memit": hp.with_changes(method="memit")}
+    points = run_lifelong(loaded, both, records, 1, 2, tmp_path / "both", None, [], progress=False)
+    turns = [(p["method"], p["edits"]) for p in points[:4]]
+    assert turns == [("alphaedit", 2), ("memit", 2), ("alphaedit", 4), ("memit", 4)]
+    for method, hparams in both.items():
+        alone = run_lifelong(loaded, {method: hparams}, records, 1, 2, tmp_path / method, None, [], progress=False)
+        assert [p["retention"] for p in alone] == [p["retention"] for p in points if p["method"] == method]
+        a = load_file(tmp_path / "both" / f"resume-{method}-weights.safetensors")
+        b = load_file(tmp_path / method / f"resume-{method}-weights.safetensors")
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_bench_lifelong_from_the_command_line(tiny_llama, tmp_path):
     model, hparams = tiny_llama
     data = counterfact_file(tmp_path / "cf.json")
