@@ -22,15 +22,17 @@ import sqlalchemy.exc
 
 from daemon.commands import COMMANDS
 from evaluation.commands import bench
-from storage.audit import ChainBreak, ChainHead, chain_head, check_head, event_count, verify_chain
+from storage.audit import ChainBreak, ChainHead, chain_head, check_head, event_count, sealed_from, verify_chain
+from storage.audit_key import KEY_BYTES, write_new_audit_key
 from storage.audit_rows import verify_rows
-from storage.checkpoints import all_checkpoints
+from storage.checkpoints import all_checkpoints, model_checkpoints
 from storage.context import StoreContext
 from storage.db import current_revisions, damage_report, database_error_message
 from storage.errors import InvalidInput, UserError
 from storage.intake import (
     CorrectionInput,
     ParsedFile,
+    check_model_name,
     check_submitter,
     login_name,
     make_correction,
@@ -38,7 +40,7 @@ from storage.intake import (
     parse_neighbor_option,
     read_corrections_file,
 )
-from storage.models import MAX_ROW_ID, AuditEvent, Correction, CorrectionStatus
+from storage.models import DEFAULT_MODEL_NAME, MAX_ROW_ID, AuditEvent, Correction, CorrectionStatus
 from storage.queries import (
     CorrectionStory,
     correction_history,
@@ -115,6 +117,25 @@ class IsoTime(click.ParamType):
         return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
+class ModelName(click.ParamType):
+    """A model's name as ``storage.intake.check_model_name`` accepts it."""
+
+    name = "NAME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return check_model_name(value)
+        except InvalidInput as error:
+            self.fail(str(error), param, ctx)
+
+
+def model_filter(function: CommandFunction) -> CommandFunction:
+    """--model NAME on the reading commands: only that model's corrections [default: every model's]."""
+    return click.option(
+        "--model", "model_name", type=ModelName(), default=None, help="Only this model's [default: every model's]."
+    )(function)
+
+
 def json_option(function: CommandFunction) -> CommandFunction:
     return click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects instead of a table.")(
         function
@@ -163,13 +184,20 @@ def _minute(at: datetime | None) -> str:
     show_default=True,
     help="File mode mask for what metake creates (the home, the database, checkpoints); 077: owner only.",
 )
+@click.option(
+    "--audit-key",
+    "audit_key_file",
+    metavar="FILE",
+    help="Secret key file (outside the database) that seals every audit event this command writes, "
+    "and that `audit verify` checks [default: $METAKE_AUDIT_KEY_FILE; none]. See docs/audit.md.",
+)
 @click.version_option(package_name="metake-daemon")
 @click.pass_context
-def main(ctx: click.Context, home: str | None, db_url: str | None, umask: int) -> None:
+def main(ctx: click.Context, home: str | None, db_url: str | None, umask: int, audit_key_file: str | None) -> None:
     """Keep a language model's facts corrected: queue, apply and audit fact corrections."""
     previous = os.umask(umask)
     ctx.call_on_close(lambda: os.umask(previous))
-    store = StoreContext.resolve(home, db_url)
+    store = StoreContext.resolve(home, db_url, audit_key_file)
     ctx.obj = store
     ctx.call_on_close(store.close)
 
@@ -222,6 +250,14 @@ def db_upgrade(store: StoreContext) -> None:
 )
 @click.option("--skip-invalid", is_flag=True, help="With --file: import the valid records, list the others.")
 @click.option("--as", "submitter", default=None, help="Name to record as submitter [default: your login name].")
+@click.option(
+    "--model",
+    "model_name",
+    type=ModelName(),
+    default=DEFAULT_MODEL_NAME,
+    show_default=True,
+    help="The model these corrections are for (the daemon started with this --name applies them).",
+)
 @click.pass_obj
 def submit(
     store: StoreContext,
@@ -235,11 +271,12 @@ def submit(
     file: Path | None,
     skip_invalid: bool,
     submitter: str | None,
+    model_name: str,
 ) -> None:
     """Queue corrections and print their new ids, one per line.
 
     Give one correction with --prompt/--subject/--target, or many with --file. A newer pending
-    correction for the same subject and prompt supersedes the older pending one.
+    correction for the same subject, prompt and model supersedes the older pending one.
     """
     who = check_submitter(submitter if submitter is not None else login_name())
     if file is not None:
@@ -265,7 +302,7 @@ def submit(
         ]
     sessions = store.sessions()
     with sessions.begin() as session:
-        ids = submit_many(session, corrections, who)
+        ids = submit_many(session, corrections, who, model=model_name)
     for new_id in ids:
         click.echo(new_id)
     if file is not None:
@@ -300,9 +337,18 @@ def _parse_file(file: Path, default_priority: int) -> ParsedFile:
 CORRECTION_HEADERS = ("id", "status", "prio", "tries", "submitted (UTC)", "by", "prompt", "target")
 
 
-def _correction_row(c: Correction) -> tuple[Any, ...]:
+def print_corrections(corrections: Sequence[Correction]) -> None:
+    """The corrections as a table, with a model column once more than the default model appears."""
+    if any(c.model != DEFAULT_MODEL_NAME for c in corrections):
+        print_table(("id", "model", *CORRECTION_HEADERS[1:]), [_correction_row(c, True) for c in corrections])
+    else:
+        print_table(CORRECTION_HEADERS, [_correction_row(c) for c in corrections])
+
+
+def _correction_row(c: Correction, with_model: bool = False) -> tuple[Any, ...]:
     return (
         c.id,
+        *((c.model,) if with_model else ()),
         c.status.value,
         c.priority,
         c.attempts,
@@ -321,20 +367,21 @@ def _correction_row(c: Correction) -> tuple[Any, ...]:
     multiple=True,
     help="Show these statuses [default: pending, applying].",
 )
+@model_filter
 @json_option
 @click.pass_obj
-def queue(store: StoreContext, statuses: tuple[str, ...], as_json: bool) -> None:
+def queue(store: StoreContext, statuses: tuple[str, ...], model_name: str | None, as_json: bool) -> None:
     """List queued corrections in the order they will be applied."""
     wanted = [CorrectionStatus(s.lower()) for s in statuses] or [
         CorrectionStatus.PENDING,
         CorrectionStatus.APPLYING,
     ]
     with store.read_sessions().begin() as session:
-        corrections = queued_corrections(session, wanted)
+        corrections = queued_corrections(session, wanted, model_name)
         if as_json:
             print_json([correction_to_dict(c) for c in corrections])
         else:
-            print_table(CORRECTION_HEADERS, [_correction_row(c) for c in corrections])
+            print_corrections(corrections)
 
 
 @main.command()
@@ -343,6 +390,7 @@ def queue(store: StoreContext, statuses: tuple[str, ...], as_json: bool) -> None
 @click.option("--until", type=IsoTime(), help="Submitted before this time.")
 @click.option("--status", "statuses", type=STATUS_CHOICE, multiple=True, help="Only these statuses. Repeatable.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many rows.")
+@model_filter
 @json_option
 @click.pass_obj
 def history(
@@ -352,6 +400,7 @@ def history(
     until: datetime | None,
     statuses: tuple[str, ...],
     limit: int | None,
+    model_name: str | None,
     as_json: bool,
 ) -> None:
     """List all corrections ever submitted, oldest first."""
@@ -363,6 +412,7 @@ def history(
             until=until,
             statuses=[CorrectionStatus(s.lower()) for s in statuses],
             limit=limit,
+            model=model_name,
         )
         if as_json:
             by_correction = metrics_by_correction(session, [c.id for c in corrections])
@@ -373,7 +423,7 @@ def history(
                 ]
             )
         else:
-            print_table(CORRECTION_HEADERS, [_correction_row(c) for c in corrections])
+            print_corrections(corrections)
 
 
 @main.command()
@@ -439,19 +489,20 @@ def _event_row(event: AuditEvent) -> tuple[Any, ...]:
 
 @main.command()
 @json_option
+@model_filter
 @click.pass_obj
-def checkpoints(store: StoreContext, as_json: bool) -> None:
-    """List saved model checkpoints.
+def checkpoints(store: StoreContext, as_json: bool, model_name: str | None) -> None:
+    """List saved model checkpoints (of every model, or of --model NAME).
 
     Pruned checkpoints keep their row (and hash) but no longer their file.
     """
     with store.read_sessions().begin() as session:
-        rows = all_checkpoints(session)
+        rows = all_checkpoints(session) if model_name is None else model_checkpoints(session, model_name)
         if as_json:
             print_json([checkpoint_to_dict(c) for c in rows])
             return
         print_table(
-            ("id", "parent", "created (UTC)", "size", "sha256", "state", "base model", "path"),
+            ("id", "parent", "created (UTC)", "size", "sha256", "state", "model", "base model", "path"),
             [
                 (
                     c.id,
@@ -460,6 +511,7 @@ def checkpoints(store: StoreContext, as_json: bool) -> None:
                     c.size_bytes,
                     c.sha256[:12],
                     "pruned" if c.pruned else "kept",
+                    c.model,
                     c.base_model,
                     c.path,
                 )
@@ -470,11 +522,12 @@ def checkpoints(store: StoreContext, as_json: bool) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the screen.")
+@model_filter
 @click.pass_obj
-def status(store: StoreContext, as_json: bool) -> None:
-    """One screen: the model, its daemon, the queue, the last edit, checkpoint and health check, the audit log."""
+def status(store: StoreContext, as_json: bool, model_name: str | None) -> None:
+    """One screen: the models, their daemons, the queue, the last edit, checkpoint and health check, the audit log."""
     with store.read_sessions().begin() as session:
-        found = gather_status(session)
+        found = gather_status(session, model_name)
     if as_json:
         click.echo(json.dumps(found.to_dict(), indent=2, ensure_ascii=False, default=iso))
         return
@@ -491,14 +544,16 @@ def status(store: StoreContext, as_json: bool) -> None:
     help="The HTML file to write (one self-contained page; images inlined).",
 )
 @click.option("--since", type=IsoTime(), default=None, help="Only corrections submitted at or after this time.")
+@model_filter
 @click.pass_obj
-def report(store: StoreContext, out: Path, since: datetime | None) -> None:
+def report(store: StoreContext, out: Path, since: datetime | None, model_name: str | None) -> None:
     """Write an HTML report with figures: corrections, before/after, health, weight change, checkpoints."""
     from reporting.html_report import render_report  # matplotlib: imported only for this command
 
     with store.read_sessions().begin() as session:
-        data = report_data(session, since)
-    page = render_report(data, f"metake report: {store.home.root}", datetime.now(UTC))
+        data = report_data(session, since, model_name)
+    title = f"metake report: {store.home.root}" + (f", model {model_name}" if model_name else "")
+    page = render_report(data, title, datetime.now(UTC))
     try:
         out.write_text(page, encoding="utf-8")
     except OSError as error:
@@ -515,8 +570,9 @@ def status_lines(found: Status) -> list[str]:
     for model in found.models:
         layers = f"layers {model.layers[0]}-{model.layers[-1]}" if model.layers else "layers ?"
         lines.append(
-            f"model       {model.identity[:23]} ({model.source or 'source unknown'}), "
-            f"method {model.method or '?'}, {layers}, {model.edits if model.edits is not None else '?'} edits"
+            f"model       {model.name}: {(model.identity or 'no checkpoint yet')[:23]} "
+            f"({model.source or 'source unknown'}), method {model.method or '?'}, {layers}, "
+            f"{model.edits if model.edits is not None else '?'} edits, {model.pending} pending"
         )
         lease = model.lease
         lines.append(
@@ -569,6 +625,18 @@ def audit() -> None:
     """Check the audit log."""
 
 
+@audit.command("new-key")
+@click.argument("key_file", type=click.Path(path_type=Path, dir_okay=False))
+def audit_new_key(key_file: Path) -> None:
+    """Write a new random audit key to KEY_FILE (mode 0600; never overwrites).
+
+    Keep it away from the database's administrators and give it to every metake process that
+    writes (`--audit-key KEY_FILE` or $METAKE_AUDIT_KEY_FILE): events are sealed from then on.
+    """
+    write_new_audit_key(key_file)
+    click.echo(f"wrote a {KEY_BYTES}-byte audit key to {key_file}")
+
+
 @audit.command("head")
 @click.pass_obj
 def audit_head(store: StoreContext) -> None:
@@ -612,7 +680,8 @@ def audit_verify(store: StoreContext, head_file: Path | None, as_json: bool) -> 
         damage = damage_report(session)
         if damage is not None:
             raise click.ClickException(f"the database file is damaged ({damage}); restore it from a backup")
-        broken = verify_chain(session)
+        broken = verify_chain(session, key=store.audit_key)
+        sealed = sealed_from(session) if store.audit_key is not None and broken is None else None
         if broken is None and head is not None:
             lost = check_head(session, head)
             broken = ChainBreak(head.event_id, lost) if lost else None
@@ -629,6 +698,7 @@ def audit_verify(store: StoreContext, head_file: Path | None, as_json: bool) -> 
             "checkpoints": rows.checkpoints if rows else None,
             "edits": rows.edits if rows else None,
             "first_bad_row": None,
+            "sealed_from_event": sealed,
         }
         if broken is not None:
             result |= {"first_bad_event": broken.event_id, "reason": broken.reason}
@@ -646,6 +716,9 @@ def audit_verify(store: StoreContext, head_file: Path | None, as_json: bool) -> 
         click.echo(f"rows match their events: {counts}")
         if head is not None:
             click.echo(f"the recorded head, event {head.event_id}, is in the chain")
+        if sealed is not None:
+            before = f" (events 1-{sealed - 1} were written before the key was used)" if sealed > 1 else ""
+            click.echo(f"MACs under the audit key verified from event {sealed} on{before}")
 
 
 for _command in (*COMMANDS, bench):

@@ -156,7 +156,7 @@ class BatchPipeline:
     def _claim(self, limit: int) -> tuple[list[Correction], list[int]]:
         """Claim a batch; corrections the retry policy gives up on fail instead of being tried again."""
         with self.held.lease.transaction() as session:
-            claimed = claim_batch(session, limit, self.held.worker)
+            claimed = claim_batch(session, limit, self.held.worker, model=self.held.name)
             exhausted = []
             for correction in claimed:
                 reason = self.retry.exhausted(correction)

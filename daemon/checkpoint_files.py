@@ -26,6 +26,7 @@ from daemon.faults import crash_point
 from engine.files import TEMPORARY_SUFFIX, atomic_path, model_key
 from engine.hparams import EditHyperParams
 from engine.state import EditorState, StateMismatch
+from storage.models import DEFAULT_MODEL_NAME
 from storage.serialize import iso
 from storage.types import utcnow
 
@@ -84,10 +85,17 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def new_name(model_identity: str, created_at: datetime) -> str:
-    """``<model key>/<UTC time>-<random>.safetensors``: unique without asking the database first."""
+def chain_folder(name: str, model_identity: str) -> str:
+    """The folder (under the checkpoints folder) of one named model's checkpoints: ``<model key>``
+    for the default model, ``<name>/<model key>`` for others, so no daemon ever tidies another's files."""
+    key = model_key(model_identity)
+    return key if name == DEFAULT_MODEL_NAME else f"{name}/{key}"
+
+
+def new_name(name: str, model_identity: str, created_at: datetime) -> str:
+    """``<chain folder>/<UTC time>-<random>.safetensors``: unique without asking the database first."""
     stamp = created_at.astimezone(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    return f"{model_key(model_identity)}/{stamp}-{uuid.uuid4().hex[:8]}{SUFFIX}"
+    return f"{chain_folder(name, model_identity)}/{stamp}-{uuid.uuid4().hex[:8]}{SUFFIX}"
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,7 @@ class Origin:
 class ModelInfo:
     """The model and settings every checkpoint of this process is written with."""
 
+    name: str
     base_model: str
     model_source: str
     hparams: EditHyperParams
@@ -119,6 +128,7 @@ def manifest(
         "format": FORMAT,
         "kind": origin.kind,
         "parent": origin.parent,
+        "model": model.name,
         "base_model": model.base_model,
         "model_source": model.model_source,
         "method": model.hparams.method,
@@ -139,7 +149,7 @@ def write_new(
     """Write a new checkpoint file under ``root`` (named, with its manifest), not yet recorded."""
     created_at = utcnow()
     described = manifest(weights, state, origin, model, created_at)
-    relative = new_name(model.base_model, created_at)
+    relative = new_name(model.name, model.base_model, created_at)
     written = write_checkpoint(root, relative, CheckpointContents(weights, state, described))
     return NewCheckpoint(written, created_at, described)
 

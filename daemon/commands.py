@@ -32,7 +32,7 @@ from storage.context import StoreContext
 from storage.errors import InvalidInput
 from storage.intake import check_submitter, login_name
 from storage.leases import LeaseLost
-from storage.models import MAX_ROW_ID
+from storage.models import DEFAULT_MODEL_NAME, MAX_ROW_ID
 from storage.reverts import request_revert
 
 if TYPE_CHECKING:
@@ -40,6 +40,16 @@ if TYPE_CHECKING:
     from daemon.service import PassReport
 
 CommandFunction = TypeVar("CommandFunction", bound=Callable[..., Any])
+
+
+def name_option(function: CommandFunction) -> CommandFunction:
+    """--name: which of the database's models (their corrections, lease and checkpoints)."""
+    return click.option(
+        "--name",
+        default=DEFAULT_MODEL_NAME,
+        show_default=True,
+        help="The served model's name: only corrections submitted with this --model are applied.",
+    )(function)
 
 
 def model_options(function: CommandFunction) -> CommandFunction:
@@ -79,11 +89,12 @@ def edit_options(function: CommandFunction) -> CommandFunction:
         click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True),
         click.option("--progress/--no-progress", default=None, help="Progress bar [default: when on a terminal]."),
     ]
-    return functools.reduce(lambda f, option: option(f), reversed(options), model_options(function))
+    return functools.reduce(lambda f, option: option(f), reversed(options), name_option(model_options(function)))
 
 
 def settings_from(options: dict[str, Any]) -> DaemonSettings:
     return DaemonSettings(
+        name=options["name"],
         model=options["model"],
         device=options["device"],
         dtype=options["dtype"],
@@ -227,12 +238,13 @@ def revert(store: StoreContext, checkpoint_id: int, requested_by: str | None) ->
 @click.command()
 @click.argument("checkpoint_id", type=click.IntRange(1, MAX_ROW_ID), required=False)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="New directory to write the model to.")
+@name_option
 @model_options
 @click.pass_obj
 def export(
-    store: StoreContext, checkpoint_id: int | None, out: Path, model: str, device: str | None, dtype: str
+    store: StoreContext, checkpoint_id: int | None, out: Path, name: str, model: str, device: str | None, dtype: str
 ) -> None:
-    """Write a checkpoint (default: the current one) as a Hugging Face model directory.
+    """Write a checkpoint (default: the --name model's current one) as a Hugging Face model directory.
 
     The result loads with transformers' AutoModelForCausalLM.from_pretrained(DIR), no metake needed.
     """
@@ -240,13 +252,13 @@ def export(
     from daemon.export import export_checkpoint  # loads torch: imported here
     from daemon.workspace import load_base_model
 
-    settings = DaemonSettings(model=model, device=device or "cpu", dtype=dtype)
+    settings = DaemonSettings(name=name, model=model, device=device or "cpu", dtype=dtype)
     sessions = store.sessions()
     with sessions() as session:
-        check_exportable(session, checkpoint_id)
+        check_exportable(session, checkpoint_id, name)
     loaded = load_base_model(settings, store.home)
     with sessions() as session:
-        checkpoint = choose_checkpoint(session, checkpoint_id, loaded.identity)
+        checkpoint = choose_checkpoint(session, checkpoint_id, name, loaded.identity)
     exported = export_checkpoint(store.home, checkpoint, loaded, out)
     click.echo(f"exported checkpoint {exported.checkpoint_id} to {exported.directory}")
 

@@ -134,11 +134,11 @@ class HealthChecks:
         if self._check is None:
             self._check = HealthCheck(held.model)
         with held.sessions() as session:
-            earlier = sample_applied(session, applied, held.settings.health.sample_size, seed=edit_id)
+            earlier = sample_applied(session, held.name, applied, held.settings.health.sample_size, seed=edit_id)
         findings = self._check.measure(earlier)
         with held.lease.transaction() as session:
             add_metrics(session, edit_id, findings.metrics)
-            payload = {"retention": findings.retention, "tested": findings.tested, **findings.drift}
+            payload = {"model": held.name, "retention": findings.retention, "tested": findings.tested, **findings.drift}
             payload["gen_retention"] = findings.gen_retention
             payload["sample"] = sample_sha256(held.model.drift_texts)
             append_event(session, AuditKind.HEALTH_CHECKED, actor=held.actor, edit_id=edit_id, payload=payload)

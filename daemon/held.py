@@ -76,8 +76,13 @@ class HeldModel:
         log_event(self.log, level, event, **fields)
 
     @property
+    def name(self) -> str:
+        """The served model's name: it names the lease, the checkpoint chain and the corrections claimed."""
+        return self.settings.name
+
+    @property
     def identity(self) -> str:
-        """The base model's identity: it names the lease and the checkpoints."""
+        """The base model's identity: every checkpoint of the chain is made from it."""
         assert self.loaded is not None, "load() first"
         return self.loaded.identity
 
@@ -94,13 +99,14 @@ class HeldModel:
     # ----- start-up ---------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Load the base model (fast once converted); its identity names the lease and checkpoints."""
+        """Load the base model (fast once converted) and prepare the name's lease."""
         started = time.perf_counter()
         self.loaded = load_base_model(self.settings, self.store.home)
-        self._lease = LeaseGuard(self.sessions, self.identity, self.worker, self.settings.lease_seconds, self.log)
+        self._lease = LeaseGuard(self.sessions, self.name, self.worker, self.settings.lease_seconds, self.log)
         self.event(
             logging.INFO,
             "model_loaded",
+            name=self.name,
             model=self.loaded.source,
             identity=self.loaded.identity,
             device=self.loaded.device,
@@ -156,10 +162,16 @@ class HeldModel:
     def restore_head(self) -> None:
         """Make the model's newest checkpoint live (writing the first one if there is none)."""
         with self.sessions() as session:
-            head = head_checkpoint(session, self.identity)
+            head = head_checkpoint(session, self.name)
         if head is None:
             self._write_base_checkpoint()
             return
+        if head.base_model != self.identity:
+            raise DaemonError(
+                f"model {self.name!r} was made from base model {head.base_model[:40]}, not "
+                f"{self.identity[:40]}; start it with the --model it was made with, or serve these weights "
+                "under another --name"
+            )
         started = time.perf_counter()
         contents = self.read(head)
         self.install(contents, head)
@@ -202,7 +214,7 @@ class HeldModel:
         self, tentative: Tentative, weights: dict[str, torch.Tensor], state: EditorState, origin: Origin
     ) -> NewCheckpoint:
         """Write a checkpoint file of this model, deleted again if ``tentative`` fails."""
-        info = ModelInfo(self.identity, self.model.loaded.source, self.model.hparams)
+        info = ModelInfo(self.name, self.identity, self.model.loaded.source, self.model.hparams)
         tentative.new = write_new(self.store.home.checkpoints_dir, weights, state, origin, info)
         return tentative.new
 
@@ -213,7 +225,8 @@ class HeldModel:
             path=new.file.relative_path,
             sha256=new.file.sha256,
             size_bytes=new.file.size_bytes,
-            model=self.identity,
+            model=self.name,
+            base_model=self.identity,
             parent_id=parent_id,
             manifest=new.manifest,
             created_at=new.created_at,
@@ -221,7 +234,7 @@ class HeldModel:
 
     def prune(self, session: Session) -> list[str]:
         """Mark what retention lets go as pruned; returns the files to delete after the commit."""
-        return prune(session, self.identity, self.settings.retention, self.actor)
+        return prune(session, self.name, self.settings.retention, self.actor)
 
     def delete_pruned(self, paths: list[str]) -> None:
         refused = delete_files(self.store.home.checkpoints_dir, paths)

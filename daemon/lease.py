@@ -72,7 +72,7 @@ class LeaseGuard:
         """Raise LeaseHeld now if a live daemon holds the model, before slow work is started."""
         holder = self.holder()
         if holder is not None:
-            raise LeaseHeld(f"model {self.model[:23]}… is being edited by {holder}; stop that daemon or wait")
+            raise LeaseHeld(f"model {self.model!r} is being edited by {holder}; stop that daemon or wait")
 
     def acquire(self) -> None:
         """Take the lease (LeaseHeld if a live daemon has it) and start renewing it."""

@@ -33,7 +33,7 @@ class RevertReport:
 def perform_reverts(held: HeldModel) -> list[RevertReport]:
     """Perform the held model's pending revert requests, oldest first."""
     with held.sessions() as session:
-        requests = [(r.id, r.checkpoint_id) for r in pending_requests(session, held.identity)]
+        requests = [(r.id, r.checkpoint_id) for r in pending_requests(session, held.name)]
     return [perform_revert(held, request_id, checkpoint_id) for request_id, checkpoint_id in requests]
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from daemon.batches import BatchPipeline, BatchReport
-from daemon.checkpoint_files import remove_unlisted
+from daemon.checkpoint_files import chain_folder, remove_unlisted
 from daemon.health import HealthChecks
 from daemon.held import DaemonError, HeldModel
 from daemon.monitoring import DaemonMonitor
@@ -26,7 +26,6 @@ from daemon.reverting import RevertReport, perform_reverts
 from daemon.settings import DaemonSettings
 from daemon.stopping import StopControl
 from daemon.workspace import EditableModel
-from engine.files import model_key
 from storage.checkpoints import kept_paths
 from storage.context import StoreContext
 from storage.queue import pending_count, release_stale_claims
@@ -65,8 +64,13 @@ class Daemon:
         return self.held.worker
 
     @property
+    def name(self) -> str:
+        """The served model's name (it names the lease, the checkpoint chain and the corrections claimed)."""
+        return self.held.name
+
+    @property
     def identity(self) -> str:
-        """The base model's identity (it names the lease and the checkpoints)."""
+        """The base model's identity (every checkpoint of the chain is made from it)."""
         return self.held.identity
 
     @property
@@ -77,7 +81,7 @@ class Daemon:
     # ----- start-up ---------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Load the base model (fast once converted); its identity names the lease and checkpoints."""
+        """Load the base model (fast once converted)."""
         self.held.load()
 
     def open(self) -> None:
@@ -113,12 +117,12 @@ class Daemon:
         held = self.held
         reason = "claimed but never recorded"
         with held.lease.transaction() as session:
-            released = release_stale_claims(session, held.worker, f"recovery: {reason}")
+            released = release_stale_claims(session, held.worker, f"recovery: {reason}", model=held.name)
             keep = kept_paths(session)
         if released:
             held.event(logging.WARNING, "claims_released", corrections=released, reason=reason)
         root = self.store.home.checkpoints_dir
-        removed = remove_unlisted(root / model_key(held.identity), keep, root)
+        removed = remove_unlisted(root / chain_folder(held.name, held.identity), keep, root)
         if removed:
             held.event(logging.WARNING, "orphan_files_removed", files=[p.name for p in removed])
         reverts = self.perform_reverts()
@@ -159,7 +163,7 @@ class Daemon:
 
     def pending_count(self) -> int:
         with self.held.sessions() as session:
-            pending = pending_count(session)
+            pending = pending_count(session, self.name)
         self.monitor.queue_depth.set(pending)
         return pending
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from engine.methods import METHODS
 from storage.checkpoints import Retention
 from storage.errors import InvalidInput
+from storage.intake import check_model_name
+from storage.models import DEFAULT_MODEL_NAME
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MODEL = "default"
@@ -46,8 +48,12 @@ class HealthSettings:
 
 @dataclass(frozen=True)
 class DaemonSettings:
-    """The model to edit, how to edit it, and how the daemon looks after its checkpoints and lease."""
+    """The model to edit, how to edit it, and how the daemon looks after its checkpoints and lease.
 
+    ``name`` is the served model's name: the daemon claims only corrections submitted for it, and
+    its lease and checkpoint chain are that name's. ``model`` is where its weights come from."""
+
+    name: str = DEFAULT_MODEL_NAME
     model: str = DEFAULT_MODEL
     device: str | None = None
     dtype: str = "float32"
@@ -64,6 +70,7 @@ class DaemonSettings:
     health: HealthSettings = HealthSettings()
 
     def __post_init__(self) -> None:
+        check_model_name(self.name)
         if self.batch_size < 1:
             raise InvalidInput(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.threads is not None and self.threads < 1:

@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Row, Text, cast, func, select
 from sqlalchemy.orm import Session
 
+from storage.audit_key import SESSION_INFO_KEY, event_mac, mac_matches
 from storage.models import AuditEvent
 from storage.types import utcnow
 
@@ -110,6 +111,7 @@ def append_events(session: Session, new: list[NewEvent]) -> list[AuditEvent]:
     newest_first = select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc())
     head = session.execute(newest_first.limit(1)).first()
     next_id, prev_hash = (1, GENESIS_HASH) if head is None else (head.id + 1, head.hash)
+    key: bytes | None = session.info.get(SESSION_INFO_KEY)
     events = []
     for item in new:
         # A JSON round trip makes the payload exactly what will be read back (str keys, lists).
@@ -126,6 +128,7 @@ def append_events(session: Session, new: list[NewEvent]) -> list[AuditEvent]:
             prev_hash=prev_hash,
         )
         event.hash = event_hash(event)
+        event.mac = event_mac(key, event.hash) if key is not None else None
         events.append(event)
         next_id, prev_hash = next_id + 1, event.hash
     session.add_all(events)
@@ -157,12 +160,18 @@ def payload_text() -> ColumnElement[str]:
     return cast(AuditEvent.__table__.c.payload, Text).label("payload_text")
 
 
-def verify_chain(session: Session, start: int = 1) -> ChainBreak | None:
+_WITHOUT_KEY = "written without the audit key"
+
+
+def verify_chain(session: Session, start: int = 1, key: bytes | None = None) -> ChainBreak | None:
     """Walk the chain in id order from event ``start``; return the first event that does not verify.
 
     From a later ``start`` (a quick check of the newest events) the first event is linked to the
-    stored hash of the one before it.
+    stored hash of the one before it. With the audit ``key`` every event's MAC is checked too:
+    events may lack one only before the first that has one (written before the key was used),
+    and at least one event must have one.
     """
+    sealed = False
     table = AuditEvent.__table__
     expected_id, expected_prev = start, GENESIS_HASH
     if start > 1:
@@ -184,8 +193,21 @@ def verify_chain(session: Session, start: int = 1) -> ChainBreak | None:
                 return ChainBreak(event.id, "its prev_hash does not match the hash of the event before it")
             if event_hash(event) != event.hash:
                 return ChainBreak(event.id, "its contents do not match its hash (the row was altered)")
+            if key is not None:
+                if event.mac is not None and not mac_matches(key, event.hash, event.mac):
+                    return ChainBreak(event.id, f"its MAC does not match ({_WITHOUT_KEY}, or under another key)")
+                if event.mac is None and sealed:
+                    return ChainBreak(event.id, f"it has no MAC but earlier events do ({_WITHOUT_KEY})")
+                sealed = sealed or event.mac is not None
             expected_id, expected_prev = event.id + 1, event.hash
+    if key is not None and not sealed and expected_id > start:
+        return ChainBreak(expected_id - 1, "no event has a MAC made with this audit key")
     return None
+
+
+def sealed_from(session: Session) -> int | None:
+    """The id of the first event with a MAC (events before it were written without the audit key)."""
+    return session.scalar(select(func.min(AuditEvent.id)).where(AuditEvent.mac.is_not(None)))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ size and parent against its ``checkpoint_written`` event and its pruned flag aga
 row is gone means the row was deleted.
 
 Submitted events written before the whole correction was recorded in them carry only the target
-and priority; for those rows only these are compared.
+and priority, and those written before several models shared a database carry no model; for
+those rows only what they carry is compared.
 """
 
 from __future__ import annotations
@@ -25,7 +26,17 @@ from storage.audit import AuditKind, payload_text
 from storage.edits import edit_digest
 from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus, Edit
 
-SUBMITTED_FIELDS = ("prompt", "subject", "target", "original_answer", "paraphrases", "neighbors", "priority", "source")
+SUBMITTED_FIELDS = (
+    "model",
+    "prompt",
+    "subject",
+    "target",
+    "original_answer",
+    "paraphrases",
+    "neighbors",
+    "priority",
+    "source",
+)
 """What a ``submitted`` event records of its correction (besides the submitter, its actor)."""
 
 _STATUS_AFTER = {
@@ -173,7 +184,8 @@ def _check_checkpoints(session: Session, stories: dict[int, _CheckpointStory], r
         story = stories.get(row.id)
         if story is None or story.written is None:
             return RowMismatch("checkpoints", row.id, "it has no checkpoint_written event (the row was forged)")
-        for name, value in (("sha256", row.sha256), ("size_bytes", row.size_bytes), ("parent", row.parent_id)):
+        fields = {"sha256": row.sha256, "size_bytes": row.size_bytes, "parent": row.parent_id, "model": row.model}
+        for name, value in fields.items():
             if name in story.written and story.written[name] != value:
                 return RowMismatch("checkpoints", row.id, f"its {name} differs from its checkpoint_written event")
         if row.pruned != story.pruned:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from storage.audit import AuditKind, append_event
 from storage.edits import edit_digest
 from storage.errors import InvalidInput, NotFound
-from storage.models import Checkpoint, RevertRequest, RevertStatus
+from storage.models import DEFAULT_MODEL_NAME, Checkpoint, RevertRequest, RevertStatus
 from storage.types import utcnow
 
 
@@ -48,14 +48,14 @@ class Retention:
 
 
 def head_checkpoint(session: Session, model: str) -> Checkpoint | None:
-    """The newest checkpoint of ``model`` (the model's current state), or None before the first."""
-    query = select(Checkpoint).where(Checkpoint.base_model == model).order_by(Checkpoint.id.desc()).limit(1)
+    """The newest checkpoint of the model named ``model`` (its current state), or None before the first."""
+    query = select(Checkpoint).where(Checkpoint.model == model).order_by(Checkpoint.id.desc()).limit(1)
     return session.scalars(query).first()
 
 
 def model_checkpoints(session: Session, model: str) -> list[Checkpoint]:
-    """All checkpoints of ``model``, oldest first."""
-    return list(session.scalars(select(Checkpoint).where(Checkpoint.base_model == model).order_by(Checkpoint.id)))
+    """All checkpoints of the model named ``model``, oldest first."""
+    return list(session.scalars(select(Checkpoint).where(Checkpoint.model == model).order_by(Checkpoint.id)))
 
 
 def all_checkpoints(session: Session) -> list[Checkpoint]:
@@ -94,17 +94,20 @@ def add_checkpoint(
     sha256: str,
     size_bytes: int,
     model: str,
+    base_model: str,
     parent_id: int | None,
     manifest: dict[str, Any],
     created_at: datetime,
 ) -> Checkpoint:
-    """The checkpoint row; its manifest gets the file's sha256 (which the file cannot hold)."""
+    """The checkpoint row of the model named ``model``, made from the weights ``base_model``; its
+    manifest gets the file's sha256 (which the file cannot hold)."""
     row = Checkpoint(
+        model=model,
         parent_id=parent_id,
         path=path,
         sha256=sha256,
         size_bytes=size_bytes,
-        base_model=model,
+        base_model=base_model,
         created_at=created_at,
         pruned=False,
         manifest=manifest | {"sha256": sha256, "size_bytes": size_bytes},
@@ -123,6 +126,7 @@ def audit_checkpoint(session: Session, checkpoint: Checkpoint, actor: str, edit_
         edit_id=edit_id,
         payload={
             "kind": checkpoint.manifest.get("kind"),
+            "model": checkpoint.model,
             "parent": checkpoint.parent_id,
             "sha256": checkpoint.sha256,
             "size_bytes": checkpoint.size_bytes,
@@ -157,7 +161,8 @@ def checkpoints_to_prune(
 
 
 def prune(session: Session, model: str, retention: Retention, actor: str) -> list[str]:
-    """Mark the checkpoints retention lets go as pruned; returns their files for deletion after commit."""
+    """Mark the checkpoints of the model named ``model`` that retention lets go as pruned; returns
+    their files for deletion after commit."""
     checkpoints = model_checkpoints(session, model)
     pending_targets = set(
         session.scalars(select(RevertRequest.checkpoint_id).where(RevertRequest.status == RevertStatus.PENDING))
@@ -191,29 +196,28 @@ def prune(session: Session, model: str, retention: Retention, actor: str) -> lis
 # ----- export ----------------------------------------------------------------------------------
 
 
-def check_exportable(session: Session, checkpoint_id: int | None) -> None:
-    """What can be checked before the (slow) model load: the checkpoint exists and is kept."""
+def check_exportable(session: Session, checkpoint_id: int | None, model: str = DEFAULT_MODEL_NAME) -> None:
+    """What can be checked before the (slow) model load: the checkpoint exists and is kept; without
+    an id, the model named ``model`` has a current checkpoint."""
     if checkpoint_id is None:
-        if session.scalars(select(Checkpoint.id).limit(1)).first() is None:
-            raise NotFound("there are no checkpoints yet; run `metake apply` or `metake daemon` first")
+        if head_checkpoint(session, model) is None:
+            raise NotFound(f"model {model!r} has no checkpoints yet; run `metake apply` or `metake daemon` first")
         return
     _kept(session, checkpoint_id)
 
 
-def choose_checkpoint(session: Session, checkpoint_id: int | None, model_identity: str) -> Checkpoint:
-    """The named checkpoint (checked to belong to the model and be kept), or the model's current one."""
-    if checkpoint_id is None:
-        checkpoint = head_checkpoint(session, model_identity)
-        if checkpoint is None:
-            raise NotFound("this model has no checkpoints yet; run `metake apply` or `metake daemon` first")
-        return checkpoint
-    checkpoint = session.get(Checkpoint, checkpoint_id)
-    if checkpoint is not None and checkpoint.base_model != model_identity:
+def choose_checkpoint(session: Session, checkpoint_id: int | None, model: str, model_identity: str) -> Checkpoint:
+    """The checkpoint with this id, or else the current one of the model named ``model``, checked to
+    be kept and to come from the weights ``model_identity``."""
+    check_exportable(session, checkpoint_id, model)
+    checkpoint = head_checkpoint(session, model) if checkpoint_id is None else session.get(Checkpoint, checkpoint_id)
+    assert checkpoint is not None
+    if checkpoint.base_model != model_identity:
         raise InvalidInput(
-            f"checkpoint {checkpoint_id} was made from base model {checkpoint.base_model[:23]}…, "
+            f"checkpoint {checkpoint.id} was made from base model {checkpoint.base_model[:23]}…, "
             f"not {model_identity[:23]}…; pass the same --model it was made with"
         )
-    return _kept(session, checkpoint_id)
+    return checkpoint
 
 
 def _kept(session: Session, checkpoint_id: int) -> Checkpoint:

@@ -7,11 +7,14 @@ same home and database resolution and the same schema-revision check.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage.audit_key import AUDIT_KEY_ENV, load_audit_key
 from storage.db import display_url, make_engine, read_only, require_current_revision, session_factory, upgrade
 from storage.home import DataHome, resolve_db_url, resolve_home
 
@@ -22,13 +25,19 @@ class StoreContext:
 
     home: DataHome
     db_url: str
+    audit_key: bytes | None = field(default=None, repr=False)
+    """Seals the audit events this process appends and checks them in ``audit verify``."""
     _engine: Engine | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def resolve(cls, home: str | None = None, db_url: str | None = None) -> StoreContext:
+    def resolve(
+        cls, home: str | None = None, db_url: str | None = None, audit_key_file: str | None = None
+    ) -> StoreContext:
         """Apply the precedence rules: explicit value, then environment, then defaults."""
         data_home = resolve_home(home)
-        return cls(home=data_home, db_url=resolve_db_url(db_url, data_home))
+        key_file = audit_key_file or os.environ.get(AUDIT_KEY_ENV)
+        key = load_audit_key(Path(key_file).expanduser()) if key_file else None
+        return cls(home=data_home, db_url=resolve_db_url(db_url, data_home), audit_key=key)
 
     @property
     def display_url(self) -> str:
@@ -43,7 +52,7 @@ class StoreContext:
         """Sessions on a database whose schema is current; raises SchemaNotCurrent otherwise."""
         engine = self.engine()
         require_current_revision(engine)
-        return session_factory(engine)
+        return session_factory(engine, self.audit_key)
 
     def read_sessions(self) -> sessionmaker[Session]:
         """Like :meth:`sessions`, for commands that only read: they never wait for a writer."""

@@ -22,6 +22,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
+from storage.audit_key import SESSION_INFO_KEY
 from storage.errors import DatabaseUnreachable, SchemaNotCurrent
 
 Sessions = sessionmaker[Session]
@@ -103,9 +104,11 @@ def read_only(engine: Engine) -> Engine:
     return engine.execution_options(**options)
 
 
-def session_factory(engine: Engine) -> sessionmaker[Session]:
-    """Sessions that keep loaded objects usable after commit (the CLI prints them afterwards)."""
-    return sessionmaker(engine, expire_on_commit=False)
+def session_factory(engine: Engine, audit_key: bytes | None = None) -> sessionmaker[Session]:
+    """Sessions that keep loaded objects usable after commit (the CLI prints them afterwards) and
+    carry the audit key, if any, for the events they append (storage.audit_key)."""
+    info = {SESSION_INFO_KEY: audit_key} if audit_key is not None else {}
+    return sessionmaker(engine, expire_on_commit=False, info=info)
 
 
 @contextmanager

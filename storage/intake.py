@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import re
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.errors import InvalidInput
-from storage.models import PROMPT_MAX_CHARS, SUBJECT_MAX_CHARS, TARGET_MAX_CHARS
+from storage.models import MODEL_NAME_MAX_CHARS, PROMPT_MAX_CHARS, SUBJECT_MAX_CHARS, TARGET_MAX_CHARS
 
 PLACEHOLDER = "{}"
 PRIORITY_LIMIT = 1_000_000
@@ -211,6 +212,20 @@ def parse_neighbor_option(value: str) -> Neighbor:
 def check_submitter(value: str) -> str:
     """The name recorded as submitter and audit actor."""
     return _text(value, "submitter name", SUBMITTER_MAX_CHARS)
+
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_model_name(value: str) -> str:
+    """A model's name (``--model`` of submit, ``--name`` of the daemon): letters, digits, ``.``, ``_``
+    and ``-``, starting with a letter or digit, so that it is also a safe folder name."""
+    if not _MODEL_NAME.fullmatch(value) or len(value) > MODEL_NAME_MAX_CHARS:
+        raise InvalidInput(
+            f"model name {value[:40]!r} must be 1-{MODEL_NAME_MAX_CHARS} letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
 
 
 def login_name() -> str:

@@ -101,7 +101,7 @@ def acquire(session: Session, model: str, holder: str, seconds: float) -> Lease:
     else:
         alive = row.expires_at > now and not holder_is_gone(row.holder)
         if alive and row.holder != holder:
-            raise LeaseHeld(f"model {model[:23]}… is being edited by {_describe(row, now)}")
+            raise LeaseHeld(f"model {model!r} is being edited by {_describe(row, now)}")
         previous = row.holder
         reason = "expired" if row.expires_at <= now else "holder process gone" if row.holder != holder else "renewed"
         row.holder = holder

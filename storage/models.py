@@ -39,6 +39,10 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+DEFAULT_MODEL_NAME = "default"
+"""The model a correction is for when nobody names one (a home that serves one model never does)."""
+MODEL_NAME_MAX_CHARS = 100
+
 PROMPT_MAX_CHARS = 1000
 SUBJECT_MAX_CHARS = 200
 TARGET_MAX_CHARS = 200
@@ -103,11 +107,13 @@ class Correction(Base):
 
     __tablename__ = "corrections"
     __table_args__ = (
-        Index("ix_corrections_claim_order", "status", "priority", "submitted_at"),
+        Index("ix_corrections_claim_order", "status", "model", "priority", "submitted_at"),
         Index("ix_corrections_subject", "subject"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    model: Mapped[str] = mapped_column(String(MODEL_NAME_MAX_CHARS), default=DEFAULT_MODEL_NAME)
+    """The name of the model this correction is for; a daemon serves one name (``--name``)."""
     prompt: Mapped[str] = mapped_column(String(PROMPT_MAX_CHARS))
     subject: Mapped[str] = mapped_column(String(SUBJECT_MAX_CHARS))
     target: Mapped[str] = mapped_column(String(TARGET_MAX_CHARS))
@@ -173,11 +179,16 @@ class Metric(Base):
 
 
 class Checkpoint(Base):
-    """A saved model state; retention may delete its file (pruned) but never its row."""
+    """A saved model state; retention may delete its file (pruned) but never its row.
+
+    ``model`` names the chain the checkpoint belongs to (the served model's name); ``base_model``
+    is the identity of the weights it was made from, which every later checkpoint of the chain shares.
+    """
 
     __tablename__ = "checkpoints"
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    model: Mapped[str] = mapped_column(String(MODEL_NAME_MAX_CHARS), default=DEFAULT_MODEL_NAME, index=True)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("checkpoints.id"))
     path: Mapped[str] = mapped_column(String(1000))
     sha256: Mapped[str] = mapped_column(String(64))
@@ -210,10 +221,13 @@ class AuditEvent(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+    mac: Mapped[str | None] = mapped_column(String(64))
+    """HMAC-SHA256 of ``hash`` under the audit key (``--audit-key``), kept outside the database;
+    None for events written without one. Not part of the hash: it seals the hash."""
 
 
 class DaemonLease(Base):
-    """Who may edit one base model now: one writer at a time, taken over once the lease expires.
+    """Who may edit one named model now: one writer at a time, taken over once the lease expires.
 
     ``generation`` goes up with every new holder, so a writer that lost its lease while busy can
     tell at commit time that its batch is no longer its to record.

@@ -28,9 +28,12 @@ class CorrectionStory:
 def queued_corrections(
     session: Session,
     statuses: Collection[CorrectionStatus] = (CorrectionStatus.PENDING, CorrectionStatus.APPLYING),
+    model: str | None = None,
 ) -> list[Correction]:
-    """Corrections in the given statuses, in the order the daemon would claim them."""
+    """Corrections in the given statuses (of one model, or all), in the order a daemon would claim them."""
     query = select(Correction).where(Correction.status.in_(list(statuses))).order_by(*CLAIM_ORDER)
+    if model is not None:
+        query = query.where(Correction.model == model)
     return list(session.scalars(query))
 
 
@@ -42,9 +45,12 @@ def correction_history(
     until: datetime | None = None,
     statuses: Collection[CorrectionStatus] = (),
     limit: int | None = None,
+    model: str | None = None,
 ) -> list[Correction]:
     """Corrections submitted in ``[since, until)``, oldest first, optionally filtered."""
     query = select(Correction)
+    if model is not None:
+        query = query.where(Correction.model == model)
     if subject is not None:
         query = query.where(Correction.subject == subject)
     if since is not None:
@@ -96,9 +102,9 @@ def metrics_by_correction(session: Session, correction_ids: Collection[int]) -> 
     return found
 
 
-def sample_applied(session: Session, exclude: list[int], size: int, seed: int) -> list[Correction]:
-    """Up to ``size`` applied corrections not in ``exclude``, chosen reproducibly from ``seed``."""
-    query = select(Correction.id).where(Correction.status == CorrectionStatus.APPLIED)
+def sample_applied(session: Session, model: str, exclude: list[int], size: int, seed: int) -> list[Correction]:
+    """Up to ``size`` of ``model``'s applied corrections not in ``exclude``, chosen reproducibly from ``seed``."""
+    query = select(Correction.id).where(Correction.model == model, Correction.status == CorrectionStatus.APPLIED)
     if exclude:
         query = query.where(Correction.id.not_in(exclude))
     ids = sorted(session.scalars(query))

@@ -24,7 +24,7 @@ from storage.audit import AuditKind, NewEvent, append_event, append_events
 from storage.audit_rows import submitted_payload
 from storage.errors import InvalidTransition
 from storage.intake import CorrectionInput
-from storage.models import Correction, CorrectionStatus, DaemonLease
+from storage.models import DEFAULT_MODEL_NAME, Correction, CorrectionStatus, DaemonLease
 from storage.types import utcnow
 
 # Class of the PostgreSQL advisory locks that serialise submissions for one subject and prompt.
@@ -49,26 +49,30 @@ def _lock_facts(session: Session, facts: Iterable[tuple[str, str]]) -> None:
     session.execute(statement, {"lock_class": SUBMIT_LOCK_CLASS, "keys": keys})
 
 
-def submit(session: Session, correction: CorrectionInput, submitter: str) -> int:
-    """Queue a correction and return its id; older pending ones for the same fact are superseded."""
-    return submit_many(session, [correction], submitter)[0]
+def submit(session: Session, correction: CorrectionInput, submitter: str, *, model: str = DEFAULT_MODEL_NAME) -> int:
+    """Queue a correction for ``model`` and return its id; older pending ones for the same fact
+    and model are superseded."""
+    return submit_many(session, [correction], submitter, model=model)[0]
 
 
 SUBMIT_CHUNK = 1000
 """Corrections inserted per round trip by a bulk submit (one transaction, whatever its size)."""
 
 
-def submit_many(session: Session, corrections: Iterable[CorrectionInput], submitter: str) -> list[int]:
-    """Submit corrections in order, in the caller's transaction: each supersedes the older pending
-    ones for its fact, in the file too. Chunks share their queries, flushes and audit appends."""
+def submit_many(
+    session: Session, corrections: Iterable[CorrectionInput], submitter: str, *, model: str = DEFAULT_MODEL_NAME
+) -> list[int]:
+    """Submit corrections for ``model`` in order, in the caller's transaction: each supersedes the
+    older pending ones for its fact and model, in the file too. Chunks share their queries,
+    flushes and audit appends."""
     items = list(corrections)
     ids: list[int] = []
     for start in range(0, len(items), SUBMIT_CHUNK):
-        ids += _submit_chunk(session, items[start : start + SUBMIT_CHUNK], submitter)
+        ids += _submit_chunk(session, items[start : start + SUBMIT_CHUNK], submitter, model)
     return ids
 
 
-def _submit_chunk(session: Session, chunk: list[CorrectionInput], submitter: str) -> list[int]:
+def _submit_chunk(session: Session, chunk: list[CorrectionInput], submitter: str, model: str) -> list[int]:
     facts = {(c.prompt, c.subject) for c in chunk}
     _lock_facts(session, facts)
     pending: dict[tuple[str, str], list[Correction]] = {}
@@ -76,7 +80,11 @@ def _submit_chunk(session: Session, chunk: list[CorrectionInput], submitter: str
     for start in range(0, len(subjects), 500):
         query = (
             select(Correction)
-            .where(Correction.status == CorrectionStatus.PENDING, Correction.subject.in_(subjects[start : start + 500]))
+            .where(
+                Correction.model == model,
+                Correction.status == CorrectionStatus.PENDING,
+                Correction.subject.in_(subjects[start : start + 500]),
+            )
             .order_by(Correction.id)
             .with_for_update()
         )
@@ -86,6 +94,7 @@ def _submit_chunk(session: Session, chunk: list[CorrectionInput], submitter: str
     now = utcnow()
     rows = [
         Correction(
+            model=model,
             prompt=c.prompt,
             subject=c.subject,
             target=c.target,
@@ -117,13 +126,14 @@ def _submit_chunk(session: Session, chunk: list[CorrectionInput], submitter: str
     return [row.id for row in rows]
 
 
-def claim_batch(session: Session, limit: int, worker: str) -> list[Correction]:
-    """Move up to ``limit`` pending corrections to applying for ``worker``, highest priority first."""
+def claim_batch(session: Session, limit: int, worker: str, *, model: str = DEFAULT_MODEL_NAME) -> list[Correction]:
+    """Move up to ``limit`` of ``model``'s pending corrections to applying for ``worker``, highest
+    priority first; other models' corrections are never touched."""
     if limit < 1:
         raise ValueError(f"batch size must be at least 1, got {limit}")
     claimed = session.scalars(
         select(Correction)
-        .where(Correction.status == CorrectionStatus.PENDING)
+        .where(Correction.model == model, Correction.status == CorrectionStatus.PENDING)
         .order_by(*CLAIM_ORDER)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -145,9 +155,14 @@ def claim_batch(session: Session, limit: int, worker: str) -> list[Correction]:
     return list(claimed)
 
 
-def release_claimed(session: Session, worker: str | None, *, actor: str, reason: str) -> list[int]:
-    """Put corrections left in applying back to pending (after a crash); all workers if None."""
+def release_claimed(
+    session: Session, worker: str | None, *, actor: str, reason: str, model: str | None = None
+) -> list[int]:
+    """Put corrections left in applying back to pending (after a crash); all workers if None,
+    all models if ``model`` is None."""
     query = select(Correction).where(Correction.status == CorrectionStatus.APPLYING)
+    if model is not None:
+        query = query.where(Correction.model == model)
     if worker is not None:
         query = query.where(Correction.claimed_by == worker)
     released = session.scalars(query.order_by(Correction.id).with_for_update()).all()
@@ -161,17 +176,18 @@ def release_claimed(session: Session, worker: str | None, *, actor: str, reason:
     return [correction.id for correction in released]
 
 
-def release_stale_claims(session: Session, me: str, reason: str) -> list[int]:
-    """Return to pending every correction claimed by a worker that holds no live lease.
+def release_stale_claims(session: Session, me: str, reason: str, *, model: str = DEFAULT_MODEL_NAME) -> list[int]:
+    """Return to pending every correction of ``model`` claimed by a worker that holds no live lease.
 
     A claim outlives its worker only when the worker died between claiming and recording, so
-    its corrections were never applied; the caller holds the lease, so no one else is applying.
+    its corrections were never applied; the caller holds the model's lease, so no one else is
+    applying them.
     """
     now = utcnow()
     live = set(session.scalars(select(DaemonLease.holder).where(DaemonLease.expires_at > now)))
     applying = session.scalars(
         select(Correction)
-        .where(Correction.status == CorrectionStatus.APPLYING)
+        .where(Correction.model == model, Correction.status == CorrectionStatus.APPLYING)
         .order_by(Correction.id)
         .with_for_update()
     ).all()
@@ -179,7 +195,7 @@ def release_stale_claims(session: Session, me: str, reason: str) -> list[int]:
     stale_workers = sorted({c.claimed_by for c in applying if c.claimed_by is not None and c.claimed_by not in others})
     released: list[int] = []
     for worker in stale_workers:
-        released += release_claimed(session, worker, actor=me[:100], reason=reason)
+        released += release_claimed(session, worker, actor=me[:100], reason=reason, model=model)
     return released
 
 
@@ -192,8 +208,11 @@ def lock_corrections(session: Session, ids: Iterable[int]) -> list[Correction]:
     return list(session.scalars(query))
 
 
-def pending_count(session: Session) -> int:
+def pending_count(session: Session, model: str | None = None) -> int:
+    """Pending corrections of ``model`` (of every model when None)."""
     query = select(func.count()).select_from(Correction).where(Correction.status == CorrectionStatus.PENDING)
+    if model is not None:
+        query = query.where(Correction.model == model)
     return session.scalar(query) or 0
 
 

@@ -35,8 +35,12 @@ class ReportData:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
 
 
-def report_data(session: Session, since: datetime | None = None) -> ReportData:
+def report_data(session: Session, since: datetime | None = None, model: str | None = None) -> ReportData:
+    """The report's figures and tables: of every model, or only of the model named ``model``."""
     data = ReportData(since)
+    edits_of_model = select(Edit.id).join(Checkpoint, Checkpoint.id == Edit.checkpoint_after_id)
+    if model is not None:
+        edits_of_model = edits_of_model.where(Checkpoint.model == model)
     query = (
         select(Correction.id, Correction.subject, Correction.target, Correction.status, Correction.submitted_at)
         .add_columns(Edit.finished_at)
@@ -45,6 +49,8 @@ def report_data(session: Session, since: datetime | None = None) -> ReportData:
     )
     if since is not None:
         query = query.where(Correction.submitted_at >= since)
+    if model is not None:
+        query = query.where(Correction.model == model)
     for row in session.execute(query):
         data.corrections.append(
             {
@@ -66,6 +72,8 @@ def report_data(session: Session, since: datetime | None = None) -> ReportData:
     )
     if since is not None:
         metrics = metrics.where(Edit.finished_at >= since)
+    if model is not None:
+        metrics = metrics.where(Edit.id.in_(edits_of_model))
     for correction_id, name, phase, value, finished in session.execute(metrics):
         if name == "realised_gain":
             data.realised_gain.append(value)
@@ -77,9 +85,14 @@ def report_data(session: Session, since: datetime | None = None) -> ReportData:
     health = select(AuditEvent.at, AuditEvent.payload).where(AuditEvent.kind == AuditKind.HEALTH_CHECKED)
     if since is not None:
         health = health.where(AuditEvent.at >= since)
+    if model is not None:  # a health check follows an edit of its model
+        health = health.where(AuditEvent.edit_id.in_(edits_of_model))
     for at, payload in session.execute(health.order_by(AuditEvent.id)):
         data.health.append({"at": at, **{k: payload.get(k) for k in ("retention", "perplexity_ratio", "tested")}})
-    for row in session.scalars(select(Checkpoint).order_by(Checkpoint.id)):
+    checkpoints = select(Checkpoint).order_by(Checkpoint.id)
+    if model is not None:
+        checkpoints = checkpoints.where(Checkpoint.model == model)
+    for row in session.scalars(checkpoints):
         manifest = row.manifest or {}
         data.checkpoints.append(
             {

@@ -34,11 +34,11 @@ def check_target(session: Session, checkpoint_id: int) -> tuple[Checkpoint, Chec
             f"checkpoint {checkpoint_id} was pruned by the retention setting (its file is deleted; "
             "its record is kept); revert to a kept checkpoint (see `metake checkpoints`)"
         )
-    head = head_checkpoint(session, target.base_model)
+    head = head_checkpoint(session, target.model)
     assert head is not None  # the target itself is one of the model's checkpoints
     if head.id == target.id:
         raise RevertRefused(f"checkpoint {checkpoint_id} is already the model's current state")
-    if target.id not in ancestry(model_checkpoints(session, target.base_model), head.id):
+    if target.id not in ancestry(model_checkpoints(session, target.model), head.id):
         raise RevertRefused(
             f"checkpoint {checkpoint_id} is not an ancestor of the current checkpoint {head.id} "
             "(it lies on a branch an earlier revert left); resubmit its corrections instead"
@@ -63,11 +63,11 @@ def request_revert(session: Session, checkpoint_id: int, requested_by: str) -> R
 
 
 def pending_requests(session: Session, model: str) -> list[RevertRequest]:
-    """Pending revert requests for ``model``'s checkpoints, oldest first."""
+    """Pending revert requests for the checkpoints of the model named ``model``, oldest first."""
     query = (
         select(RevertRequest)
         .join(Checkpoint, Checkpoint.id == RevertRequest.checkpoint_id)
-        .where(RevertRequest.status == RevertStatus.PENDING, Checkpoint.base_model == model)
+        .where(RevertRequest.status == RevertStatus.PENDING, Checkpoint.model == model)
         .order_by(RevertRequest.id)
     )
     return list(session.scalars(query))

@@ -18,6 +18,7 @@ def iso(at: datetime | None) -> str | None:
 def correction_to_dict(correction: Correction) -> dict[str, Any]:
     return {
         "id": correction.id,
+        "model": correction.model,
         "status": correction.status.value,
         "prompt": correction.prompt,
         "subject": correction.subject,
@@ -81,6 +82,7 @@ def metric_to_dict(metric: Metric) -> dict[str, Any]:
 def checkpoint_to_dict(checkpoint: Checkpoint) -> dict[str, Any]:
     return {
         "id": checkpoint.id,
+        "model": checkpoint.model,
         "status": "pruned" if checkpoint.pruned else "kept",
         "parent_id": checkpoint.parent_id,
         "path": checkpoint.path,

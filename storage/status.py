@@ -25,7 +25,10 @@ QUICK_CHECK_EVENTS = 1000
 
 @dataclass
 class ModelStatus:
-    identity: str
+    name: str
+    identity: str | None
+    """The base model's identity (of its newest checkpoint); None before the first checkpoint."""
+    pending: int
     source: str | None
     method: str | None
     layers: list[int]
@@ -57,19 +60,31 @@ class Status:
         }
 
 
-def gather_status(session: Session) -> Status:
+def gather_status(session: Session, model: str | None = None) -> Status:
+    """The one-screen status: of every model, or of the model named ``model`` (the queue and the
+    last correction and health check then count only its own)."""
     now = utcnow()
     status = Status(now)
-    counts = dict(session.execute(select(Correction.status, func.count()).group_by(Correction.status)).all())
+    counts_query = select(Correction.status, func.count()).group_by(Correction.status)
+    names_query = select(Checkpoint.model).distinct().order_by(Checkpoint.model)
+    leases_query = select(DaemonLease).where(DaemonLease.expires_at > now).order_by(DaemonLease.model)
+    pending_query = select(Correction.model, func.count()).where(Correction.status == CorrectionStatus.PENDING)
+    if model is not None:
+        counts_query = counts_query.where(Correction.model == model)
+        names_query = names_query.where(Checkpoint.model == model)
+        leases_query = leases_query.where(DaemonLease.model == model)
+    counts = dict(session.execute(counts_query).all())
     status.queue = {s.value: int(counts.get(s, 0)) for s in CorrectionStatus}
-    for model in session.scalars(select(Checkpoint.base_model).distinct().order_by(Checkpoint.base_model)):
-        status.models.append(_model_status(session, model, now))
-    newest_models = {m.identity for m in status.models}
-    for lease in session.scalars(select(DaemonLease).where(DaemonLease.expires_at > now)):
-        if lease.model not in newest_models:  # a daemon that has not written its base checkpoint yet
-            status.models.append(ModelStatus(lease.model, None, None, [], None, None, _lease(lease)))
-    status.last_applied = _last_applied(session)
-    status.last_health = _last_health(session)
+    pending = dict(session.execute(pending_query.group_by(Correction.model)).all())
+    for name in session.scalars(names_query):
+        status.models.append(_model_status(session, name, int(pending.get(name, 0)), now))
+    named = {m.name for m in status.models}
+    for lease in session.scalars(leases_query):
+        if lease.model not in named:  # a daemon that has not written its base checkpoint yet
+            waiting = int(pending.get(lease.model, 0))
+            status.models.append(ModelStatus(lease.model, None, waiting, None, None, [], None, None, _lease(lease)))
+    status.last_applied = _last_applied(session, model)
+    status.last_health = _last_health(session, model)
     status.audit_events, status.audit_quick_check = _quick_audit(session)
     return status
 
@@ -78,14 +93,16 @@ def _lease(row: DaemonLease) -> dict[str, Any]:
     return {"holder": row.holder, "since": row.acquired_at, "expires": row.expires_at}
 
 
-def _model_status(session: Session, model: str, now: datetime) -> ModelStatus:
+def _model_status(session: Session, model: str, pending: int, now: datetime) -> ModelStatus:
     head = head_checkpoint(session, model)
     assert head is not None
     manifest = head.manifest or {}
     hparams = manifest.get("hparams") or {}
     lease = session.scalars(select(DaemonLease).where(DaemonLease.model == model, DaemonLease.expires_at > now)).first()
     return ModelStatus(
-        identity=model,
+        name=model,
+        identity=head.base_model,
+        pending=pending,
         source=manifest.get("model_source"),
         method=manifest.get("method"),
         layers=list(hparams.get("layers") or []),
@@ -100,7 +117,7 @@ def _model_status(session: Session, model: str, now: datetime) -> ModelStatus:
     )
 
 
-def _last_applied(session: Session) -> dict[str, Any] | None:
+def _last_applied(session: Session, model: str | None) -> dict[str, Any] | None:
     query = (
         select(Correction.id, Correction.subject, Correction.target, Edit.finished_at)
         .join(Edit, Edit.id == Correction.edit_id)
@@ -108,19 +125,24 @@ def _last_applied(session: Session) -> dict[str, Any] | None:
         .order_by(Edit.id.desc(), Correction.id.desc())
         .limit(1)
     )
+    if model is not None:
+        query = query.where(Correction.model == model)
     row = session.execute(query).first()
     if row is None:
         return None
     return {"id": row.id, "subject": row.subject, "target": row.target, "at": row.finished_at}
 
 
-def _last_health(session: Session) -> dict[str, Any] | None:
+def _last_health(session: Session, model: str | None) -> dict[str, Any] | None:
     query = (
         select(AuditEvent.at, AuditEvent.payload)
         .where(AuditEvent.kind == AuditKind.HEALTH_CHECKED)
         .order_by(AuditEvent.id.desc())
         .limit(1)
     )
+    if model is not None:  # a health check follows an edit, whose after-checkpoint names the model
+        edits = select(Edit.id).join(Checkpoint, Checkpoint.id == Edit.checkpoint_after_id)
+        query = query.where(AuditEvent.edit_id.in_(edits.where(Checkpoint.model == model)))
     row = session.execute(query).first()
     if row is None:
         return None

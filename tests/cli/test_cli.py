@@ -233,7 +233,7 @@ def test_status_shows_model_daemon_queue_checkpoint_health_and_audit(metake, ses
         append_event(session, "health_checked", actor="host-1", edit_id=edit.id, payload=payload)
         session.add(
             DaemonLease(
-                model=checkpoint.base_model,
+                model=checkpoint.model,
                 holder="host-1",
                 acquired_at=now - timedelta(hours=2),
                 renewed_at=now,
@@ -241,7 +241,8 @@ def test_status_shows_model_daemon_queue_checkpoint_health_and_audit(metake, ses
             )
         )
     lines = metake("status").stdout.splitlines()
-    assert lines[0] == "model       sha256:abababababababab (default), method metake, layers 4-8, 1 edits"
+    expected = "model       default: sha256:abababababababab (default), method metake, layers 4-8, 1 edits, 1 pending"
+    assert lines[0] == expected
     assert lines[1].startswith("daemon      host-1 since 2 h ago (") and lines[1].endswith("s")
     assert lines[2].startswith("checkpoint  1 (edit), 3 min ago (") and lines[2].endswith("), 64.9 MB")
     assert lines[3] == "queue       pending 1, applying 0, applied 1, failed 0, rejected 0, superseded 0, reverted 0"
@@ -577,7 +578,7 @@ def test_a_damaged_sqlite_file_is_one_line(tmp_path):
     with sqlite3.connect(database) as connection:
         connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     with open(database, "r+b") as handle:
-        for page in (5, 7, 9, 11):
+        for page in (5, 7, 9, 11, 23, 25):  # indexes, the corrections and the audit events
             handle.seek(4096 * page + 8)
             handle.write(b"\x07" * 64)
     for args in (("queue",), ("audit", "verify")):  # a read that hits the damage; the full page check
@@ -618,3 +619,20 @@ def test_store_commands_do_not_load_torch_or_the_plotting_and_metrics_libraries(
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, check=True)
     assert done.stdout == "[]\n"
+
+
+def test_corrections_name_their_model_and_the_lists_filter_by_it(metake):
+    fact = ("--prompt", "The capital of {} is", "--subject", "France", "--target", "Rome")
+    assert submit_ok(metake, *fact) == 1
+    assert submit_ok(metake, *fact, "--model", "support-bot") == 2  # another model: supersedes nothing
+    table = metake("queue").stdout.splitlines()
+    assert table[0].split()[:3] == ["id", "model", "status"]
+    assert [line.split()[:3] for line in table[1:]] == [["1", "default", "pending"], ["2", "support-bot", "pending"]]
+    only = json.loads(metake("queue", "--model", "support-bot", "--json").stdout)
+    assert [(c["id"], c["model"]) for c in only] == [(2, "support-bot")]
+    assert [c["id"] for c in json.loads(metake("history", "--model", "default", "--json").stdout)] == [1]
+    status = json.loads(metake("status", "--model", "support-bot", "--json").stdout)
+    assert status["queue"]["pending"] == 1
+    bad = metake("submit", *fact, "--model", "../etc")
+    assert bad.exit_code == 2 and "model name '../etc' must be 1-100 letters, digits" in bad.stderr
+    assert len(json.loads(metake("history", "--json").stdout)) == 2  # nothing written

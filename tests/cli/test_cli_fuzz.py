@@ -45,8 +45,9 @@ def test_a_random_file_is_imported_whole_or_refused_in_one_line(home, tmp_path, 
     result = run.invoke(main, ["--home", str(home), "submit", "--file", str(path)])
     after = count()
     if result.exit_code == 0:
-        queued = int(result.stdout.split()[1])
-        assert result.stdout.startswith("queued ") and after == before + queued
+        queued = int(result.stderr.split()[1])  # stderr: "queued N correction(s) from FILE"; stdout: the ids
+        assert result.stderr.startswith("queued ") and len(result.stdout.split()) == queued
+        assert after == before + queued
         return
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert after == before  # a refused file writes nothing

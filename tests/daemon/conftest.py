@@ -72,6 +72,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT-2 directory: a second, different model for the several-models tests."""
+    return save_tiny_model("gpt2", tmp_path_factory.mktemp("tiny-gpt2") / "tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
 def tiny_stats(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A statistics cache shared by the tests' homes, so C0 of the tiny model is computed once."""
     return tmp_path_factory.mktemp("tiny-stats")

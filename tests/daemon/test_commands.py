@@ -69,7 +69,7 @@ def one_line_error(result, message: str, exit_code: int = 1) -> None:
         (["apply", "--max", "0"], "Invalid value for '--max'", 2),
         (["revert", "7"], "no checkpoint with id 7", 1),
         (["export", "7", "--out", "somewhere"], "no checkpoint with id 7", 1),
-        (["export", "--out", "somewhere"], "there are no checkpoints yet", 1),
+        (["export", "--out", "somewhere"], "model 'default' has no checkpoints yet", 1),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(metake, home, db_url, args, message, code):

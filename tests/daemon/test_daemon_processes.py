@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -14,7 +15,8 @@ from sqlalchemy import select
 
 from daemon.lease import live_holder
 from storage.audit import verify_chain
-from storage.models import AuditEvent, Correction, Edit
+from storage.audit_rows import verify_rows
+from storage.models import AuditEvent, Checkpoint, Correction, Edit
 
 FACTS = [
     ("The capital of {} is", "France", "Rome"),
@@ -66,7 +68,7 @@ def test_two_daemons_one_applies_and_the_other_takes_over_when_it_dies(metake, t
         refused = metake.run("apply", *tiny_args)
         assert refused.returncode == 1
         assert re.fullmatch(
-            r"Error: model sha256:\S+ is being edited by daemon@\S+ \(renewed .*\); stop that "
+            r"Error: model 'default' is being edited by daemon@\S+ \(renewed .*\); stop that "
             r"daemon or wait\n",
             refused.stderr.splitlines()[-1] + "\n",
         ), refused.stderr
@@ -140,3 +142,56 @@ def test_sigterm_finishes_the_batch_in_flight_and_exits_zero(metake, tiny_args, 
     assert found[1] == "applied"
     with sessions() as session:
         assert verify_chain(session) is None
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_two_models_on_one_database_each_daemon_applies_only_its_own(metake, tiny, tiny_gpt2, sessions, tmp_path):
+    model_args = {"llama-bot": tiny[0], "gpt-bot": tiny_gpt2}
+    for name, facts in (("llama-bot", FACTS[:2]), ("gpt-bot", FACTS[2:])):
+        for prompt, subject, target in facts:
+            metake.ok("submit", "--model", name, "--prompt", prompt, "--subject", subject, "--target", target)
+    common = ("--hparams", str(tiny[1]), "--device", "cpu", "--no-progress", "--interval", "0.5")
+    logs = {name: tmp_path / f"{name}.log" for name in model_args}
+    processes = {
+        name: metake.start("daemon", "--name", name, "--model", str(path), *common, log=logs[name])
+        for name, path in model_args.items()
+    }
+    try:
+        for name in model_args:  # both hold a lease at once: leases are per model
+            wait_for(lambda n=name: log_has(logs[n], "event=lease_acquired"), START_S, f"{name}'s lease")
+        wait_for(lambda: all_applied(sessions, 4), 180, "both daemons to apply their own corrections")
+        workers = {name: worker_of(logs[name]) for name in model_args}
+        with sessions() as session:
+            rows = session.scalars(select(Correction).order_by(Correction.id)).all()
+            assert [(c.model, c.claimed_by) for c in rows] == [
+                ("llama-bot", workers["llama-bot"]),
+                ("llama-bot", workers["llama-bot"]),
+                ("gpt-bot", workers["gpt-bot"]),
+                ("gpt-bot", workers["gpt-bot"]),
+            ]
+            chains = {}
+            for checkpoint in session.scalars(select(Checkpoint).order_by(Checkpoint.id)):
+                chains.setdefault(checkpoint.model, []).append(checkpoint)
+            assert sorted(chains) == ["gpt-bot", "llama-bot"]
+            for name, chain in chains.items():  # a base checkpoint and one per applied correction
+                assert [c.manifest["kind"] for c in chain].count("base") == 1 and len(chain) == 3
+                assert len({c.base_model for c in chain}) == 1 and chain[0].path.startswith(f"{name}/")
+                assert all(c.parent_id in (None, *(p.id for p in chain)) for c in chain)
+            assert chains["gpt-bot"][0].base_model != chains["llama-bot"][0].base_model
+            assert verify_chain(session) is None and verify_rows(session).mismatch is None
+        status = json.loads(metake.ok("status", "--json"))
+        assert sorted((m["name"], m["edits"], bool(m["lease"])) for m in status["models"]) == [
+            ("gpt-bot", 2, True),
+            ("llama-bot", 2, True),
+        ]
+        only = json.loads(metake.ok("history", "--model", "gpt-bot", "--json"))
+        assert [(c["id"], c["model"]) for c in only] == [(3, "gpt-bot"), (4, "gpt-bot")]
+        stop(processes["llama-bot"], logs["llama-bot"])
+        wrong = metake.run("apply", "--name", "llama-bot", "--model", str(tiny_gpt2), *common[:-2])
+        assert wrong.returncode == 1
+        assert wrong.stderr.splitlines()[-1].startswith("Error: model 'llama-bot' was made from base model sha256:")
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()

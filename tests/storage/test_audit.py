@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+from types import SimpleNamespace
 
 import pytest
 import sqlalchemy.exc
@@ -10,6 +13,7 @@ from sqlalchemy import select, text
 
 from storage.audit import GENESIS_HASH, ChainBreak, append_event, event_hash, verify_chain
 from storage.checkpoints import audit_checkpoint
+from storage.db import session_factory
 from storage.intake import make_correction
 from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus, Edit, Metric, Phase
 from storage.queue import claim_batch, mark_applied, submit_many
@@ -180,6 +184,8 @@ ROW_TAMPERING = [
     ("DELETE FROM audit_events", "correction 1", "it has no submitted event (the row was forged)"),
     ("UPDATE checkpoints SET sha256 = '{}' WHERE id = 1".format("cd" * 32), "checkpoint 1", "its sha256 differs"),
     (_forge, "correction 4", "it has no submitted event (the row was forged)"),
+    ("UPDATE corrections SET model = 'other-bot' WHERE id = 2", "correction 2", "its model differs"),
+    ("UPDATE checkpoints SET model = 'other-bot' WHERE id = 1", "checkpoint 1", "its model differs"),
 ]
 
 
@@ -196,6 +202,8 @@ ROW_TAMPERING = [
         "all-events",
         "sha",
         "forged",
+        "correction-model",
+        "checkpoint-model",
     ],
 )
 def test_rows_that_differ_from_their_events_are_found(sessions, engine, metake, tamper, row, reason):
@@ -229,11 +237,12 @@ def test_submitted_event_records_the_whole_correction(sessions):
         original_answer="Paris",
     )
     with sessions.begin() as session:
-        submit_many(session, [correction], "alice")
+        submit_many(session, [correction], "alice", model="support-bot")
     with sessions() as session:
         event = session.scalars(select(AuditEvent)).one()
     assert (event.kind, event.actor) == ("submitted", "alice")
     assert event.payload == {
+        "model": "support-bot",
         "prompt": "The capital of {} is",
         "subject": "France",
         "target": "Rome",
@@ -340,4 +349,83 @@ def test_a_walk_from_a_later_event_links_it_to_the_one_before(sessions, engine):
     with sessions() as session:
         assert verify_chain(session, start=4) == ChainBreak(
             4, "its prev_hash does not match the hash of the event before it"
+        )
+
+
+def _rewrite_without_key(engine, from_id: int, new_payload: str) -> None:
+    """What an attacker with database access can do: change an event and recompute every hash after it."""
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE audit_events SET payload = :p WHERE id = :i"), {"p": new_payload, "i": from_id})
+        rows = connection.execute(select(AuditEvent.__table__).order_by(AuditEvent.id)).all()
+        prev = GENESIS_HASH
+        for row in rows:
+            new_hash = event_hash(SimpleNamespace(**(dict(row._mapping) | {"prev_hash": prev})))
+            connection.execute(
+                text("UPDATE audit_events SET prev_hash = :p, hash = :h WHERE id = :i"),
+                {"p": prev, "h": new_hash, "i": row.id},
+            )
+            prev = new_hash
+
+
+def test_an_audit_key_finds_a_chain_rewritten_without_it(engine, metake, tmp_path):
+    key_file = tmp_path / "audit.key"
+    assert metake("audit", "new-key", str(key_file)).exit_code == 0
+    assert len(key_file.read_bytes()) == 32 and key_file.stat().st_mode & 0o777 == 0o600
+    assert metake("audit", "new-key", str(key_file)).stderr.endswith(
+        "already exists; an audit key is never overwritten\n"
+    )
+    keyed = lambda *args: metake("--audit-key", str(key_file), *args)  # noqa: E731
+    unsealed = metake("submit", "--prompt", "The capital of {} is", "--subject", "Chile", "--target", "Lima")
+    assert unsealed.exit_code == 0  # event 1: written before the key was used
+    for country in ("France", "Peru"):
+        assert (
+            keyed("submit", "--prompt", "The capital of {} is", "--subject", country, "--target", "Rome").exit_code == 0
+        )
+    ok = keyed("audit", "verify")
+    assert ok.exit_code == 0, ok.output
+    assert ok.stdout.splitlines()[-1] == (
+        "MACs under the audit key verified from event 2 on (events 1-1 were written before the key was used)"
+    )
+    with engine.connect() as connection:
+        seals = connection.execute(text("SELECT id, mac FROM audit_events ORDER BY id")).all()
+    with engine.begin() as connection:  # dropping the seals of the newest events
+        connection.execute(text("UPDATE audit_events SET mac = NULL WHERE id >= 3"))
+    assert "event 3: it has no MAC but earlier events do" in keyed("audit", "verify").stderr
+    with engine.begin() as connection:  # or of all of them
+        connection.execute(text("UPDATE audit_events SET mac = NULL"))
+    assert "event 3: no event has a MAC made with this audit key" in keyed("audit", "verify").stderr
+    with engine.begin() as connection:
+        for event_id, mac in seals:
+            connection.execute(text("UPDATE audit_events SET mac = :m WHERE id = :i"), {"m": mac, "i": event_id})
+    assert keyed("audit", "verify").exit_code == 0
+    _rewrite_without_key(engine, 2, json.dumps({"target": "Lima", "priority": 0}))
+    assert metake("audit", "verify").stderr.startswith("Error: audit chain verified, but correction 2")  # rows only
+    assert keyed("audit", "verify").stderr == (
+        "Error: audit chain broken at event 2: its MAC does not match (written without the audit key, or under "
+        "another key)\n"
+    )
+    other = tmp_path / "other.key"
+    other.write_bytes(b"x" * 32)
+    assert "event 1: its MAC does not match" not in metake("--audit-key", str(other), "audit", "verify").stderr
+    assert "event 2: its MAC does not match" in metake("--audit-key", str(other), "audit", "verify").stderr
+    short = tmp_path / "short.key"
+    short.write_bytes(b"x" * 8)
+    assert metake("--audit-key", str(short), "queue").stderr == (
+        f"Error: the audit key {short} has 8 bytes; it needs at least 16\n"
+    )
+    assert metake("--audit-key", str(tmp_path / "missing.key"), "queue").exit_code == 1
+
+
+def test_events_appended_with_a_key_carry_its_mac(engine):
+    key = b"k" * 32
+    with session_factory(engine, key).begin() as session:
+        append_event(session, "submitted", actor="alice", payload={"target": "Rome"})
+    with session_factory(engine).begin() as session:
+        append_event(session, "submitted", actor="bob", payload={"target": "Lima"})  # a writer without the key
+    with session_factory(engine)() as session:
+        first, second = session.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
+        assert first.mac == hmac.new(key, first.hash.encode(), hashlib.sha256).hexdigest() and second.mac is None
+        assert verify_chain(session) is None
+        assert verify_chain(session, key=key) == ChainBreak(
+            2, "it has no MAC but earlier events do (written without the audit key)"
         )

@@ -68,6 +68,7 @@ def test_submit_stores_the_correction_and_audits_it(sessions):
         assert events(session) == [("submitted", new_id, "alice")]
         event = session.scalars(select(AuditEvent)).one()
         assert event.payload == {  # the whole correction, so that audit verify can check the row
+            "model": "default",
             "prompt": MOTHER_TONGUE,
             "subject": "Danielle Darrieux",
             "target": "English",
@@ -250,4 +251,30 @@ def test_a_bulk_submit_supersedes_within_and_across_its_chunks(sessions, monkeyp
             ("submitted", ids[4]),
             ("superseded", ids[2]),
         ]
+        assert verify_chain(session) is None and verify_rows(session).mismatch is None
+
+
+def test_each_model_has_its_own_queue(sessions):
+    with sessions.begin() as session:
+        llama = submit(session, fact("Danielle Darrieux", "English"), "alice", model="llama-bot")
+        gpt = submit(session, fact("Danielle Darrieux", "German"), "alice", model="gpt-bot")
+        default = submit(session, fact("Toko Yasuda", "piano"), "alice")
+    with sessions.begin() as session:  # the same fact for another model supersedes nothing
+        assert session.get(Correction, llama).status == CorrectionStatus.PENDING
+        assert (queue.pending_count(session, "gpt-bot"), queue.pending_count(session)) == (1, 3)
+        newer = submit(session, fact("Danielle Darrieux", "Spanish"), "bob", model="gpt-bot")
+    with sessions.begin() as session:
+        assert session.get(Correction, gpt).superseded_by == newer
+        assert session.get(Correction, llama).status == CorrectionStatus.PENDING
+        claimed = claim_batch(session, 10, "daemon@h:1:a", model="llama-bot")
+        assert [c.id for c in claimed] == [llama]
+    with sessions.begin() as session:
+        assert [c.id for c in claim_batch(session, 10, "daemon@h:2:b")] == [default]
+        assert [c.id for c in claim_batch(session, 10, "daemon@h:3:c", model="gpt-bot")] == [newer]
+        assert claim_batch(session, 10, "daemon@h:3:c", model="nobody") == []
+    with sessions.begin() as session:  # recovery for one model leaves the others' claims alone
+        released = queue.release_stale_claims(session, "daemon@h:3:c", "test", model="llama-bot")
+        assert released == [llama]
+        assert session.get(Correction, default).status == CorrectionStatus.APPLYING
+    with sessions() as session:
         assert verify_chain(session) is None and verify_rows(session).mismatch is None

@@ -134,3 +134,44 @@ def test_init_twice_keeps_the_data(tmp_path):
     assert submitted.stdout == "1\n"
     assert runner.invoke(main, [*home, "init"]).exit_code == 0
     assert runner.invoke(main, [*home, "queue", "--json"]).stdout.count('"id": 1') == 1
+
+
+def test_upgrading_an_existing_store_gives_its_rows_to_the_default_model(empty_db_url):
+    """Rows from before several models shared a database: corrections and the newest chain become
+    ``default``'s, an older base model's chain is named by its identity, old leases are dropped."""
+    upgrade(empty_db_url, "d3d96c49f802")
+    engine = make_engine(empty_db_url)
+    at = "2026-11-30 10:00:00"
+    try:
+        with connect(engine) as connection, connection.begin():
+            connection.execute(
+                text(
+                    "INSERT INTO corrections (id, prompt, subject, target, paraphrases, neighbors, priority, submitter,"
+                    " submitted_at, status, attempts) VALUES (1, 'The capital of {} is', 'France', 'Rome', '[]',"
+                    " '[]', 0, 'alice', :at, 'pending', 0)"
+                ),
+                {"at": at},
+            )
+            for checkpoint_id, base in ((1, "sha256:old"), (2, "sha256:new")):
+                connection.execute(
+                    text(
+                        "INSERT INTO checkpoints (id, path, sha256, size_bytes, base_model, created_at, pruned,"
+                        " manifest) VALUES (:id, 'm/x.safetensors', :sha, 1, :base, :at, false, '{}')"
+                    ),
+                    {"id": checkpoint_id, "sha": f"{checkpoint_id:064x}", "base": base, "at": at},
+                )
+            connection.execute(
+                text(
+                    "INSERT INTO daemon_leases (model, holder, generation, acquired_at, renewed_at, expires_at)"
+                    " VALUES ('sha256:new', 'daemon@h:1:a', 1, :at, :at, :at)"
+                ),
+                {"at": at},
+            )
+        upgrade(empty_db_url)
+        with connect(engine) as connection:
+            assert connection.execute(text("SELECT model FROM corrections")).all() == [("default",)]
+            models = connection.execute(text("SELECT id, model FROM checkpoints ORDER BY id")).all()
+            assert models == [(1, "sha256:old"), (2, "default")]
+            assert connection.execute(text("SELECT count(*) FROM daemon_leases")).scalar() == 0
+    finally:
+        engine.dispose()
