@@ -86,19 +86,17 @@ def run_lifelong(
     bars = {
         m: tqdm(total=len(records), initial=r.done, desc=f"{m} lifelong", disable=not progress) for m, r in runs.items()
     }
-    # The methods take turns, one evaluation window each, so that an interrupted run leaves every
-    # method's curve at (nearly) the same length.
+    # The methods take turns, one evaluation window each, the one furthest behind first, so that
+    # an interrupted run leaves every method's curve at (nearly) the same length.
     while any(run.done < len(records) for run in runs.values()):
-        for method, run in runs.items():
-            if run.done >= len(records):
-                continue
-            editor = editors[method]
-            editor.load_weights(run.weights)
-            point = _window(loaded, editor, run, stream, bars[method]) | {"method": method}
-            with curves.open("a") as handle:
-                handle.write(json.dumps(point) + "\n")
-            run.weights = editor.edited_weights()
-            _save(out, method, editor, run.state, run.done)
+        method, run = min(runs.items(), key=lambda item: item[1].done)
+        editor = editors[method]
+        editor.load_weights(run.weights)
+        point = _window(loaded, editor, run, stream, bars[method]) | {"method": method}
+        with curves.open("a") as handle:
+            handle.write(json.dumps(point) + "\n")
+        run.weights = editor.edited_weights()
+        _save(out, method, editor, run.state, run.done)
     for bar in bars.values():
         bar.close()
     next(iter(editors.values())).load_weights(base)
