@@ -12,12 +12,13 @@ import html
 import io
 from collections import Counter
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display, whatever the environment says
 
+import matplotlib.dates as mdates  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 from matplotlib.figure import Figure  # noqa: E402
 
@@ -80,6 +81,15 @@ def _figure(rows: int = 1) -> tuple[Figure, list]:
     return figure, [a[0] for a in axes]
 
 
+def _time_axis(axis: plt.Axes, times: list[datetime]) -> None:
+    """Dates that read well at any range; an hour either side of a lone instant (not four years)."""
+    locator = mdates.AutoDateLocator()
+    axis.xaxis.set_major_locator(locator)
+    axis.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    if times and min(times) == max(times):
+        axis.set_xlim(min(times) - timedelta(hours=1), max(times) + timedelta(hours=1))
+
+
 def corrections_over_time(data: ReportData) -> Figure | None:
     if not data.corrections:
         return None
@@ -95,7 +105,8 @@ def corrections_over_time(data: ReportData) -> Figure | None:
     names = [s for s in STATUS_COLOURS if by_status.get(s)]
     counts.barh(names, [by_status[s] for s in names], color=[STATUS_COLOURS[s] for s in names])
     counts.set_xlabel("corrections by status now")
-    figure.autofmt_xdate()
+    _time_axis(timeline, submitted + applied)
+    figure.tight_layout()
     return figure
 
 
@@ -135,7 +146,9 @@ def health_over_time(data: ReportData) -> Figure | None:
     ratio = [h for h in points if h.get("perplexity_ratio") is not None]
     drift.plot([h["at"] for h in ratio], [(h["perplexity_ratio"] - 1) * 100 for h in ratio], marker="o")
     drift.set_ylabel("perplexity drift (%)")
-    figure.autofmt_xdate()
+    for axis in (retention, drift):
+        _time_axis(axis, [h["at"] for h in points])
+    figure.tight_layout()
     return figure
 
 
@@ -149,7 +162,7 @@ def weight_change_over_time(data: ReportData) -> Figure | None:
         axis.plot([a for a, _ in points], [v for _, v in points], marker=".", label=layer)
     axis.set_ylabel("||dW|| / ||W|| per edit")
     axis.legend(loc="upper left", ncol=min(len(layers), 6))
-    figure.autofmt_xdate()
+    _time_axis(axis, [at for at, _, _ in data.weight_change])
     return figure
 
 
@@ -177,7 +190,7 @@ def checkpoint_chain(data: ReportData) -> Figure | None:
     axis.scatter([c["created_at"] for c in data.checkpoints], [c["id"] for c in data.checkpoints], c=colours, s=14)
     axis.set_ylabel("checkpoint id")
     axis.set_title("green: kept, grey: pruned file, purple: a revert and its link to the restored state", fontsize=9)
-    figure.autofmt_xdate()
+    _time_axis(axis, [c["created_at"] for c in data.checkpoints])
     return figure
 
 

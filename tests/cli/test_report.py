@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
+import subprocess
 from datetime import UTC, datetime, timedelta
+
+import pytest
 
 from storage.audit import append_event
 from storage.checkpoints import audit_checkpoint
@@ -84,3 +88,35 @@ def test_report_on_a_fresh_home_says_there_is_nothing_yet(metake, tmp_path):
     out = tmp_path / "empty.html"
     assert metake("report", "--out", str(out)).exit_code == 0
     assert "Nothing to report yet" in out.read_text()
+
+
+def _browser() -> str | None:
+    names = ("chromium", "chromium-browser", "google-chrome")
+    return next((found for name in names if (found := shutil.which(name))), None)
+
+
+def headless(browser: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Chromium without a display; --no-sandbox because tests may run as root (CI does)."""
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--allow-file-access-from-files"]
+    return subprocess.run([browser, *flags, *args], capture_output=True, text=True, timeout=120, check=True)
+
+
+@pytest.mark.skipif(_browser() is None, reason="no Chromium on this machine (.ci/run installs the Debian package)")
+def test_a_real_browser_renders_the_report_with_its_figures(metake, sessions, tmp_path):
+    from PIL import Image
+
+    _life(sessions)
+    out = tmp_path / "report.html"
+    assert metake("report", "--out", str(out)).exit_code == 0
+    browser = _browser()
+    assert browser is not None
+    dom = headless(browser, "--dump-dom", out.as_uri()).stdout
+    assert dom.count("<img") == 6 and "<td>Country 7</td>" in dom and "0.05 → 0.90" in dom
+    shot = tmp_path / "report.png"
+    headless(browser, f"--screenshot={shot}", "--window-size=1200,4000", out.as_uri())
+    pixels = Image.open(shot).convert("RGB")
+    colours = pixels.getcolors(maxcolors=1 << 20) or []
+    # The figures were decoded and drawn: matplotlib's first line colour (#1f77b4) and hundreds of
+    # anti-aliased shades appear; a page whose images failed to load is text on white.
+    near_blue = sum(n for n, (r, g, b) in colours if abs(r - 0x1F) < 24 and abs(g - 0x77) < 24 and abs(b - 0xB4) < 24)
+    assert len(colours) > 500 and near_blue > 500, (len(colours), near_blue)
