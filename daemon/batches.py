@@ -15,6 +15,7 @@ from datetime import datetime
 
 from daemon.checkpoint_files import NewCheckpoint, Origin
 from daemon.faults import crash_point
+from daemon.generation import generation_metrics, said
 from daemon.held import HeldModel, Tentative
 from daemon.logs import Timer
 from daemon.metrics import batch_metrics
@@ -87,6 +88,8 @@ class _BatchWork:
     release: _Release = _UNEXPECTED
     outcome: EditOutcome | None = None
     new: NewCheckpoint | None = None
+    said_before: dict[int, dict[str, float]] = field(default_factory=dict)
+    said_after: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
     def by_id(self) -> dict[int, Correction]:
@@ -168,14 +171,20 @@ class BatchPipeline:
     def _edit(self, work: _BatchWork, report: BatchReport, timer: Timer) -> None:
         """Edit (the engine measures before and after); EditFailed when it refused the batch."""
         assert self.held.state is not None
+        loaded = self.held.model.loaded
         try:
             with self.stop.abandonable():
                 crash_point("before_apply")
+                with timer.phase("generate"):
+                    work.said_before = said(loaded.model, loaded.tokenizer, work.claimed)
                 with timer.phase("edit"):
                     work.outcome = self.held.model.editor.apply(
                         [edit_request(c) for c in work.claimed], self.held.state
                     )
                 report.seconds["metrics_in_edit"] = work.outcome.seconds.get("probabilities", 0.0)
+                with timer.phase("generate"):
+                    applied = [work.by_id[i] for i in work.applied]
+                    work.said_after = said(loaded.model, loaded.tokenizer, applied)
         except Abandon:
             work.release = _ABANDONED
             raise
@@ -218,7 +227,8 @@ class BatchPipeline:
             before_id=held.current.id,
             after_id=checkpoint.id,
         )
-        add_metrics(session, edit.id, batch_metrics(work.outcome))
+        said_metrics = generation_metrics(work.said_before, work.said_after)
+        add_metrics(session, edit.id, batch_metrics(work.outcome) + said_metrics)
         mark_applied(session, [work.by_id[i] for i in work.applied], edit.id, worker=held.worker)
         audit_checkpoint(session, checkpoint, held.actor, edit_id=edit.id)
         report.edit_id, report.checkpoint_id = edit.id, checkpoint.id

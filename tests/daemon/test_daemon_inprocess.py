@@ -240,3 +240,16 @@ def test_the_threads_setting_is_honoured(store, tiny, log):
         assert torch.get_num_threads() == len(os.sched_getaffinity(0))
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_daemon_records_whether_the_model_says_each_fact_before_and_after(store, tiny, log, one_thread):
+    submit_facts(store)
+    report = apply_pending(make_daemon(store, tiny, log))
+    assert all("generate" in batch.seconds for batch in report.batches)
+    with store.sessions()() as session:
+        rows = session.scalars(select(Metric).where(Metric.name.like("gen_%"))).all()
+    recorded = {(m.correction_id, m.name, m.phase) for m in rows}
+    expected = {(i, "gen_efficacy", phase) for i in (1, 2, 3, 4) for phase in (Phase.PRE, Phase.POST)}
+    assert recorded == expected  # FACTS have no paraphrases or neighbours: only the prompt is asked
+    assert all(m.value in (0.0, 1.0) for m in rows)
