@@ -169,7 +169,7 @@ def bench(
     if lifelong:
         if out_dir is None or zsre:
             raise click.UsageError("--lifelong needs --out DIR and CounterFact records")
-        from evaluation.lifelong import run_lifelong
+        from evaluation.lifelong import run_lifelong, summary_table
 
         points = run_lifelong(
             loaded,
@@ -181,6 +181,7 @@ def bench(
             home.stats_dir,
             _read_text_sample(ppl_text, ppl_chars),
         )
+        click.echo(summary_table(points))
         click.echo(f"{len(points)} points in {out_dir / 'curves.jsonl'}; plots in {out_dir}")
         return
     results = run_benchmark(

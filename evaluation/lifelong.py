@@ -33,6 +33,8 @@ from evaluation.bench import weight_growth
 from evaluation.counterfact import CounterFactRecord
 from evaluation.metrics import counterfact_metrics, generation_metrics, perplexity, score_records
 
+UNEDITED = "unedited"
+"""The method name of the reference point measured once before any edit."""
 RETENTION_FIRST = 100
 RETENTION_MORE = 100
 NEIGHBOURHOOD_SET = 100
@@ -78,6 +80,9 @@ def run_lifelong(
     stream = _Stream(
         records, batch_size, eval_every, retention_sample(len(records)), records[:NEIGHBOURHOOD_SET], texts, base
     )
+    if not any(p.get("method") == UNEDITED for p in _read_points(curves)):
+        with curves.open("a") as handle:
+            handle.write(json.dumps(_measure_unedited(loaded, stream)) + "\n")
     runs = {}
     for method, editor in editors.items():
         editor.load_weights(base)
@@ -100,9 +105,27 @@ def run_lifelong(
     for bar in bars.values():
         bar.close()
     next(iter(editors.values())).load_weights(base)
-    points = [json.loads(line) for line in curves.read_text().splitlines() if line.strip()]
+    points = _read_points(curves)
     draw_curves(points, out)
     return points
+
+
+def _read_points(curves: Path) -> list[dict[str, Any]]:
+    if not curves.exists():
+        return []
+    return [json.loads(line) for line in curves.read_text().splitlines() if line.strip()]
+
+
+def _measure_unedited(loaded: LoadedModel, stream: _Stream) -> dict[str, Any]:
+    """The reference every curve is read against: the model before any edit (``edits`` 0)."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    return {
+        "method": UNEDITED,
+        "edits": 0,
+        "specificity": counterfact_metrics(score_records(model, tokenizer, stream.neighbours))["specificity"],
+        "perplexity": perplexity(model, tokenizer, stream.texts) if stream.texts else None,
+        "max_norm_growth": 0.0,
+    }
 
 
 @dataclass(frozen=True)
@@ -212,10 +235,13 @@ def draw_curves(points: list[dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    methods = sorted({p["method"] for p in points})
+    methods = sorted({p["method"] for p in points} - {UNEDITED})
+    reference = next((p for p in points if p["method"] == UNEDITED), {})
     for key, label in PLOTTED.items():
         figure, axis = plt.subplots(figsize=(7, 3.5))
         drawn = False
+        if reference.get(key) is not None and key != "max_norm_growth":
+            axis.axhline(reference[key], color="#777", linestyle="--", linewidth=1, label=UNEDITED)
         for method in methods:
             mine = sorted((p["edits"], p[key]) for p in points if p["method"] == method and p.get(key) is not None)
             if mine:
@@ -230,3 +256,36 @@ def draw_curves(points: list[dict[str, Any]], out: Path) -> list[Path]:
             written.append(path)
         plt.close(figure)
     return written
+
+
+TABLE_COLUMNS = (
+    ("retention", "retained %", "{:.1f}"),
+    ("retention_first", "first 100 %", "{:.1f}"),
+    ("window_efficacy", "eff %", "{:.0f}"),
+    ("window_generalisation", "gen %", "{:.0f}"),
+    ("window_gen_efficacy", "says %", "{:.0f}"),
+    ("specificity", "spec %", "{:.0f}"),
+    ("perplexity", "ppl", "{:.2f}"),
+    ("max_norm_growth", "max dW/W", "{:.3f}"),
+    ("log10_condition", "log10 cond", "{:.2f}"),
+    ("median_gain", "gain", "{:.2f}"),
+    ("s_per_edit", "s/edit", "{:.2f}"),
+)
+
+
+def summary_table(points: list[dict[str, Any]]) -> str:
+    """A Markdown table of every method at the furthest point all of them reached, under the
+    unedited reference (the window figures are of the last ``eval_every`` corrections)."""
+    methods = sorted({p["method"] for p in points} - {UNEDITED})
+    if not methods:
+        return "no points yet"
+    reached = min(max(p["edits"] for p in points if p["method"] == m) for m in methods)
+    rows = [p for p in points if p["method"] == UNEDITED][:1]
+    rows += [next(p for p in points if p["method"] == m and p["edits"] == reached) for m in methods]
+    header = ["method", "edits", *(label for _, label, _ in TABLE_COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["method"], str(row["edits"])]
+        cells += [fmt.format(row[key]) if row.get(key) is not None else "" for key, _, fmt in TABLE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

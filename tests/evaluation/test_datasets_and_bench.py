@@ -210,13 +210,14 @@ def test_lifelong_run_writes_curves_and_plots_and_resumes_where_it_stopped(tiny_
     methods = {"alphaedit": hp.with_changes(method="alphaedit")}
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     points = run_lifelong(loaded, methods, records, 1, 2, whole, None, [], progress=False)
-    assert [p["edits"] for p in points] == [2, 4, 5]
-    assert set(points[0]) >= {"retention", "window_efficacy", "specificity", "norm_growth", "log10_condition"}
-    assert points[-1]["retention_tested"] == 5 and points[0]["max_norm_growth"] > 0
+    assert [(p["method"], p["edits"]) for p in points] == [("unedited", 0)] + [("alphaedit", e) for e in (2, 4, 5)]
+    assert set(points[1]) >= {"retention", "window_efficacy", "specificity", "norm_growth", "log10_condition"}
+    assert points[-1]["retention_tested"] == 5 and points[1]["max_norm_growth"] > 0
+    assert points[0]["specificity"] is not None and points[0]["max_norm_growth"] == 0.0  # the reference
     assert {p.name for p in whole.glob("*.png")} >= {"retention.png", "max_norm_growth.png", "log10_condition.png"}
     run_lifelong(loaded, methods, records[:3], 1, 2, parts, None, [], progress=False)  # interrupted after 3
     resumed = run_lifelong(loaded, methods, records, 1, 2, parts, None, [], progress=False)
-    assert [p["edits"] for p in resumed] == [2, 3, 4, 5]
+    assert [p["edits"] for p in resumed] == [0, 2, 3, 4, 5]  # the reference is measured once
     a = load_file(whole / "resume-alphaedit-weights.safetensors")
     b = load_file(parts / "resume-alphaedit-weights.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # as if never interrupted
@@ -232,11 +233,12 @@ def test_lifelong_methods_take_turns_without_touching_each_others_weights(tiny_l
     records = load_counterfact(counterfact_file(tmp_path / "cf.json"), 5)
     both = {"alphaedit": hp.with_changes(method="alphaedit"), "memit": hp.with_changes(method="memit")}
     points = run_lifelong(loaded, both, records, 1, 2, tmp_path / "both", None, [], progress=False)
-    turns = [(p["method"], p["edits"]) for p in points[:4]]
+    turns = [(p["method"], p["edits"]) for p in points[1:5]]
     assert turns == [("alphaedit", 2), ("memit", 2), ("alphaedit", 4), ("memit", 4)]
     for method, hparams in both.items():
         alone = run_lifelong(loaded, {method: hparams}, records, 1, 2, tmp_path / method, None, [], progress=False)
-        assert [p["retention"] for p in alone] == [p["retention"] for p in points if p["method"] == method]
+        mine = [p["retention"] for p in alone if p["method"] == method]
+        assert mine == [p["retention"] for p in points if p["method"] == method]
         a = load_file(tmp_path / "both" / f"resume-{method}-weights.safetensors")
         b = load_file(tmp_path / method / f"resume-{method}-weights.safetensors")
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -250,7 +252,10 @@ def test_bench_lifelong_from_the_command_line(tiny_llama, tmp_path):
     args += ["--model", str(model), "--hparams", str(hparams), "--device", "cpu", "--threads", "1"]
     result = CliRunner().invoke(main, [*args, "--lifelong", "--eval-every", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines()[-1] == f"2 points in {out / 'curves.jsonl'}; plots in {out}"
-    assert [json.loads(line)["edits"] for line in (out / "curves.jsonl").read_text().splitlines()] == [2, 4]
+    assert result.stdout.splitlines()[-1] == f"3 points in {out / 'curves.jsonl'}; plots in {out}"
+    table = result.stdout.splitlines()[-5:-1]  # the unedited reference and the method at its last point
+    assert table[0].startswith("| method | edits | retained % |") and table[2].startswith("| unedited | 0 |")
+    assert table[3].startswith("| memit | 4 | ")
+    assert [json.loads(line)["edits"] for line in (out / "curves.jsonl").read_text().splitlines()] == [0, 2, 4]
     refused = CliRunner().invoke(main, [*args, "--lifelong"])
     assert refused.exit_code == 2 and "--lifelong needs --out DIR" in refused.output
