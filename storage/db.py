@@ -7,6 +7,7 @@ advisory lock instead (see storage.queue and storage.audit).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +50,8 @@ def sqlite_file(url: str | URL) -> Path | None:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
+    if parsed.database.startswith("file:"):  # the URI form an archived (read-only) file is opened with
+        return Path(parsed.database.removeprefix("file:").split("?", 1)[0])
     return Path(parsed.database)
 
 
@@ -60,8 +63,13 @@ def make_engine(url: str | URL, *, foreign_keys: bool = True) -> Engine:
         raise DatabaseUnreachable(f"not a database URL: {display_url(url)}") from error
     backend = parsed.get_backend_name()
     connect_args: dict[str, Any] = {}
+    archived = False
     if backend == "sqlite":
         connect_args["timeout"] = SQLITE_BUSY_TIMEOUT_S
+        archived = _is_archived(parsed)
+        if archived:
+            resolved = Path(parsed.database or "").resolve()
+            parsed = parsed.set(database=f"file:{resolved}", query={"mode": "ro", "immutable": "1", "uri": "true"})
     elif backend == "postgresql":
         connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
         # A wait for a lock (the audit chain behind an import, a row a daemon holds) ends like
@@ -72,11 +80,31 @@ def make_engine(url: str | URL, *, foreign_keys: bool = True) -> Engine:
     except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as error:
         raise DatabaseUnreachable(f"cannot use database {display_url(parsed)}: {error}") from error
     if backend == "sqlite":
-        _serialise_sqlite(engine, foreign_keys=foreign_keys)
+        _serialise_sqlite(engine, foreign_keys=foreign_keys, archived=archived)
     return engine
 
 
-def _serialise_sqlite(engine: Engine, *, foreign_keys: bool) -> None:
+def _is_archived(url: URL) -> bool:
+    """A SQLite file in a folder this process cannot write (a read-only file system, an archived
+    home): SQLite cannot create its lock files there, so the file is opened read-only and
+    immutable, and every command that only reads works. A write-ahead log left beside it would be
+    ignored by such a reader, so that is refused rather than shown without its newest writes."""
+    database = url.database
+    if database in (None, "", ":memory:") or str(database).startswith("file:"):
+        return False
+    path = Path(str(database))
+    if not path.is_file() or os.access(path.parent, os.W_OK):
+        return False
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise DatabaseUnreachable(
+            f"{path} is in a folder that cannot be written and its write-ahead log {wal.name} holds writes "
+            "not yet merged into it; open a writable copy of the home instead"
+        )
+    return True
+
+
+def _serialise_sqlite(engine: Engine, *, foreign_keys: bool, archived: bool = False) -> None:
     """Take the write lock at BEGIN, per the SQLAlchemy pysqlite transaction recipe."""
 
     @event.listens_for(engine, "connect")
@@ -84,7 +112,8 @@ def _serialise_sqlite(engine: Engine, *, foreign_keys: bool) -> None:
         dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        if not archived:  # an immutable file keeps the journal mode it was written with
+            cursor.execute("PRAGMA journal_mode = WAL")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -135,6 +164,8 @@ def database_error_message(error: exc.DBAPIError) -> str:
         return "the database is busy: another metake process holds its write lock (an import?); retry"
     if "malformed" in reason or "not a database" in reason:
         return f"the database file is damaged ({reason}); restore it from a backup"
+    if "readonly database" in reason:
+        return "the database is read-only here (its folder cannot be written): only commands that read work"
     return f"database error: {reason}"
 
 

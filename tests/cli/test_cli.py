@@ -6,13 +6,16 @@ aside), exit non-zero, and leave every table as it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -636,3 +639,69 @@ def test_corrections_name_their_model_and_the_lists_filter_by_it(metake):
     bad = metake("submit", *fact, "--model", "../etc")
     assert bad.exit_code == 2 and "model name '../etc' must be 1-100 letters, digits" in bad.stderr
     assert len(json.loads(metake("history", "--json").stdout)) == 2  # nothing written
+
+
+@contextlib.contextmanager
+def read_only_folder(folder: Path) -> Iterator[None]:
+    """``folder`` (already filled) made unwritable: a read-only tmpfs over it as root, mode 0555 otherwise."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    saved = folder.with_name(folder.name + "-files")
+    folder.rename(saved)
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only file system here: {mounted.stderr.decode().strip()}")
+    try:
+        for path in saved.iterdir():
+            if path.is_file():
+                shutil.copy2(path, folder / path.name)
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True, capture_output=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_an_archived_home_on_a_read_only_file_system_can_be_read_and_verified(tmp_path):
+    home = tmp_path / "home"
+    run = lambda *args, **kw: CliRunner().invoke(main, ["--home", str(home), *args], **kw)  # noqa: E731
+    assert run("init").exit_code == 0
+    fact = ("--prompt", "The capital of {} is", "--subject", "France", "--target", "Rome")
+    assert run("submit", *fact).exit_code == 0
+    for leftover in home.iterdir():  # only the database: a clean shutdown leaves no -wal or -shm
+        if leftover.is_dir() or leftover.name.endswith(("-wal", "-shm")):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    with read_only_folder(home):
+        assert json.loads(run("queue", "--json").stdout)[0]["subject"] == "France"
+        verified = run("audit", "verify")
+        assert verified.exit_code == 0 and verified.stdout.startswith("audit chain verified: 1 events")
+        assert run("status", "--json").exit_code == 0 and run("history").exit_code == 0
+        refused = run("submit", *fact)
+        assert refused.exit_code == 1
+        assert refused.stderr == (
+            "Error: the database is read-only here (its folder cannot be written): only commands that read work\n"
+        )
+
+
+def test_an_unmerged_write_ahead_log_on_a_read_only_file_system_is_refused(tmp_path):
+    home = tmp_path / "home"
+    run = lambda *args: CliRunner().invoke(main, ["--home", str(home), *args])  # noqa: E731
+    assert run("init").exit_code == 0
+    database = home / "metake.sqlite3"
+    keep_open = sqlite3.connect(database)  # holds the log open, so its writes stay in it
+    keep_open.execute("PRAGMA wal_autocheckpoint = 0")
+    keep_open.execute("CREATE TABLE scratch (x)")
+    keep_open.commit()
+    try:
+        assert (home / "metake.sqlite3-wal").stat().st_size > 0
+        with read_only_folder(home):
+            result = run("queue")
+    finally:
+        keep_open.close()
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "holds writes not yet merged into it; open a writable copy of the home instead" in result.stderr
