@@ -40,7 +40,7 @@ from storage.intake import (
     parse_neighbor_option,
     read_corrections_file,
 )
-from storage.models import DEFAULT_MODEL_NAME, MAX_ROW_ID, AuditEvent, Correction, CorrectionStatus
+from storage.models import DEFAULT_MODEL_NAME, MAX_ROW_ID, MODEL_NAME_ENV, AuditEvent, Correction, CorrectionStatus
 from storage.queries import (
     CorrectionStory,
     correction_history,
@@ -255,8 +255,9 @@ def db_upgrade(store: StoreContext) -> None:
     "model_name",
     type=ModelName(),
     default=DEFAULT_MODEL_NAME,
+    envvar=MODEL_NAME_ENV,
     show_default=True,
-    help="The model these corrections are for (the daemon started with this --name applies them).",
+    help=f"The model these corrections are for (the daemon started with this --name applies them) [${MODEL_NAME_ENV}].",
 )
 @click.pass_obj
 def submit(

@@ -32,7 +32,7 @@ from storage.context import StoreContext
 from storage.errors import InvalidInput
 from storage.intake import check_submitter, login_name
 from storage.leases import LeaseLost
-from storage.models import DEFAULT_MODEL_NAME, MAX_ROW_ID
+from storage.models import DEFAULT_MODEL_NAME, MAX_ROW_ID, MODEL_NAME_ENV
 from storage.reverts import request_revert
 
 if TYPE_CHECKING:
@@ -47,8 +47,9 @@ def name_option(function: CommandFunction) -> CommandFunction:
     return click.option(
         "--name",
         default=DEFAULT_MODEL_NAME,
+        envvar=MODEL_NAME_ENV,
         show_default=True,
-        help="The served model's name: only corrections submitted with this --model are applied.",
+        help=f"The served model's name: only corrections submitted with this --model are applied [${MODEL_NAME_ENV}].",
     )(function)
 
 

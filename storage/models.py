@@ -42,6 +42,8 @@ NAMING_CONVENTION = {
 DEFAULT_MODEL_NAME = "default"
 """The model a correction is for when nobody names one (a home that serves one model never does)."""
 MODEL_NAME_MAX_CHARS = 100
+MODEL_NAME_ENV = "METAKE_MODEL_NAME"
+"""The model name ``submit --model`` and the daemon's ``--name`` default to when set."""
 
 PROMPT_MAX_CHARS = 1000
 SUBJECT_MAX_CHARS = 200

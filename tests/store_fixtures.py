@@ -7,6 +7,7 @@ template is made once per session (a file copied per test on SQLite, a
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -81,6 +82,8 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     """Keep the developer's own METAKE_* settings and data home out of the tests."""
     monkeypatch.delenv(HOME_ENV, raising=False)
     monkeypatch.delenv(DB_URL_ENV, raising=False)
+    for name in [n for n in os.environ if n.startswith("METAKE_") and not n.startswith("METAKE_TEST_")]:
+        monkeypatch.delenv(name)  # the model name, the audit key file, ...
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
 
 

@@ -624,7 +624,7 @@ def test_store_commands_do_not_load_torch_or_the_plotting_and_metrics_libraries(
     assert done.stdout == "[]\n"
 
 
-def test_corrections_name_their_model_and_the_lists_filter_by_it(metake):
+def test_corrections_name_their_model_and_the_lists_filter_by_it(metake, monkeypatch):
     fact = ("--prompt", "The capital of {} is", "--subject", "France", "--target", "Rome")
     assert submit_ok(metake, *fact) == 1
     assert submit_ok(metake, *fact, "--model", "support-bot") == 2  # another model: supersedes nothing
@@ -639,6 +639,9 @@ def test_corrections_name_their_model_and_the_lists_filter_by_it(metake):
     bad = metake("submit", *fact, "--model", "../etc")
     assert bad.exit_code == 2 and "model name '../etc' must be 1-100 letters, digits" in bad.stderr
     assert len(json.loads(metake("history", "--json").stdout)) == 2  # nothing written
+    monkeypatch.setenv("METAKE_MODEL_NAME", "env-bot")  # a shell's (or a service's) default model
+    assert submit_ok(metake, *fact) == 3
+    assert json.loads(metake("history", "--model", "env-bot", "--json").stdout)[0]["id"] == 3
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ from threads, and on a busy 2-core machine OpenMP's thread hand-offs cost more t
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,8 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     """Keep the developer's own METAKE_* settings and data home out of the tests."""
     monkeypatch.delenv(HOME_ENV, raising=False)
     monkeypatch.delenv(DB_URL_ENV, raising=False)
+    for name in [n for n in os.environ if n.startswith("METAKE_") and not n.startswith("METAKE_TEST_")]:
+        monkeypatch.delenv(name)  # the model name, the audit key file, ...
     monkeypatch.delenv("METAKE_FAULT_AT", raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
 
