@@ -9,6 +9,7 @@ Every command except ``init`` and ``db upgrade`` opens the store through
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -25,9 +26,10 @@ from evaluation.commands import bench
 from storage.audit import ChainBreak, ChainHead, chain_head, check_head, event_count, sealed_from, verify_chain
 from storage.audit_key import KEY_BYTES, write_new_audit_key
 from storage.audit_rows import verify_rows
+from storage.busy import announce_import, running_import
 from storage.checkpoints import all_checkpoints, model_checkpoints
 from storage.context import StoreContext
-from storage.db import current_revisions, damage_report, database_error_message
+from storage.db import current_revisions, damage_report, database_error_message, is_busy
 from storage.errors import InvalidInput, UserError
 from storage.intake import (
     CorrectionInput,
@@ -82,7 +84,9 @@ class MetakeGroup(click.Group):
         except click.UsageError as error:
             raise OneLineUsageError(error.format_message()) from error
         except sqlalchemy.exc.DBAPIError as error:  # busy or damaged: one line, not a traceback
-            raise click.ClickException(database_error_message(error)) from error
+            store = ctx.obj if isinstance(ctx.obj, StoreContext) else None
+            holder = running_import(store.engine()) if store is not None and is_busy(error) else None
+            raise click.ClickException(database_error_message(error, holder)) from error
 
 
 class Umask(click.ParamType):
@@ -303,7 +307,9 @@ def submit(
         ]
     sessions = store.sessions()
     with sessions.begin() as session:
-        ids = submit_many(session, corrections, who, model=model_name)
+        announced = announce_import(session, len(corrections), who) if file is not None else contextlib.nullcontext()
+        with announced:
+            ids = submit_many(session, corrections, who, model=model_name)
     for new_id in ids:
         click.echo(new_id)
     if file is not None:

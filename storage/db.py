@@ -157,11 +157,18 @@ def _first_line(error: exc.DBAPIError) -> str:
     return lines[0] if lines else type(error.orig).__name__
 
 
-def database_error_message(error: exc.DBAPIError) -> str:
-    """One line for a database error a command did not expect (a busy or damaged database)."""
+def is_busy(error: exc.DBAPIError) -> bool:
+    """A lock wait that timed out (SQLite's busy timeout, PostgreSQL's lock_timeout)."""
     reason = _first_line(error)
-    if "database is locked" in reason or "lock timeout" in reason:
-        return "the database is busy: another metake process holds its write lock (an import?); retry"
+    return "database is locked" in reason or "lock timeout" in reason
+
+
+def database_error_message(error: exc.DBAPIError, holder: str | None = None) -> str:
+    """One line for a database error a command did not expect (a busy or damaged database);
+    ``holder`` says what a busy database is doing (storage.busy)."""
+    reason = _first_line(error)
+    if is_busy(error):
+        return f"the database is busy: {holder or 'another metake process holds its write lock'}; retry"
     if "malformed" in reason or "not a database" in reason:
         return f"the database file is damaged ({reason}); restore it from a backup"
     if "readonly database" in reason:

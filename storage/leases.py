@@ -54,6 +54,11 @@ def holder_is_gone(holder: str) -> bool:
         return False
     if host != socket.gethostname()[:HOST_CHARS] or pid == os.getpid():
         return False
+    return process_is_gone(pid)
+
+
+def process_is_gone(pid: int) -> bool:
+    """True when no process with this id exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

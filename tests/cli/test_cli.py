@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -28,6 +29,7 @@ from sqlalchemy import update
 import storage.db
 from cli import main
 from storage.audit import CHAIN_LOCK_KEY, append_event
+from storage.busy import announce_import
 from storage.checkpoints import audit_checkpoint
 from storage.db import read_only
 from storage.models import Checkpoint, Correction, DaemonLease, Edit, Metric, Phase
@@ -453,19 +455,29 @@ def test_readers_are_not_held_up_by_a_writer(metake, engine):
 
 
 def test_a_writer_that_waits_too_long_for_the_lock_gets_one_line(metake, engine, db_url, monkeypatch):
-    """SQLite's busy timeout and PostgreSQL's lock_timeout end the same way: one line, exit 1."""
+    """SQLite's busy timeout and PostgreSQL's lock_timeout end the same way: one line, exit 1,
+    naming the import it waited for when the lock's holder is one."""
     monkeypatch.setattr(storage.db, "SQLITE_BUSY_TIMEOUT_S", 0.3)
     monkeypatch.setattr(storage.db, "LOCK_TIMEOUT_S", 0.3)
     holder = storage.db.make_engine(db_url)
-    with holder.begin() as connection:  # holds the write lock / the audit chain's lock
-        if holder.dialect.name == "postgresql":
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHAIN_LOCK_KEY})
-        result = metake("submit", *DARRIEUX, "--target", "English")
+    sessions = storage.db.session_factory(holder)
+    for announced in (False, True):
+        with sessions.begin() as session:  # holds the write lock / the audit chain's lock
+            if holder.dialect.name == "postgresql":
+                session.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHAIN_LOCK_KEY})
+            else:
+                session.execute(sqlalchemy.text("UPDATE corrections SET priority = 0 WHERE id < 0"))
+            with announce_import(session, 20000, "alice") if announced else contextlib.nullcontext():
+                result = metake("submit", *DARRIEUX, "--target", "English")
+        waited_for = (
+            r"an import of 20000 records by alice \(started [0-2] s ago\) is running"
+            if announced
+            else "another metake process holds its write lock"
+        )
+        assert result.exit_code == 1
+        assert re.fullmatch(f"Error: the database is busy: {waited_for}; retry\n", result.stderr), result.stderr
     holder.dispose()
-    assert (result.exit_code, result.stderr) == (
-        1,
-        "Error: the database is busy: another metake process holds its write lock (an import?); retry\n",
-    )
+    assert not list(Path(engine.url.database or "/nonexistent").parent.glob("*.import-*.json"))  # notes removed
 
 
 def test_unreadable_file(metake, row_counts, tmp_path):
@@ -708,3 +720,26 @@ def test_an_unmerged_write_ahead_log_on_a_read_only_file_system_is_refused(tmp_p
         keep_open.close()
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert "holds writes not yet merged into it; open a writable copy of the home instead" in result.stderr
+
+
+def test_a_file_import_announces_itself_while_it_runs(metake, monkeypatch, tmp_path):
+    import cli
+
+    seen = []
+    real = cli.announce_import
+
+    @contextlib.contextmanager
+    def spy(session, records, submitter):
+        with real(session, records, submitter):
+            seen.append((records, submitter, cli.running_import(session.get_bind())))
+            yield
+
+    monkeypatch.setattr(cli, "announce_import", spy)
+    records = [{"prompt": PROMPT, "subject": f"Person {i}", "target": "English"} for i in range(3)]
+    lines = "".join(json.dumps(record) + "\n" for record in records)
+    path = tmp_path / "three.jsonl"
+    path.write_text(lines)
+    assert metake("submit", "--file", str(path), "--as", "bob").exit_code == 0
+    assert metake("submit", *DARRIEUX, "--target", "English").exit_code == 0  # one correction: no announcement
+    assert [(records, who) for records, who, _ in seen] == [(3, "bob")]
+    assert seen[0][2].startswith("an import of 3 records by bob (started ")  # what a waiting command reads
