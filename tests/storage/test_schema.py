@@ -9,6 +9,7 @@ from sqlalchemy import inspect, text
 
 from cli import main
 from storage.db import (
+    SCHEMA_HEAD,
     alembic_config,
     connect,
     current_revisions,
@@ -175,3 +176,8 @@ def test_upgrading_an_existing_store_gives_its_rows_to_the_default_model(empty_d
             assert connection.execute(text("SELECT count(*) FROM daemon_leases")).scalar() == 0
     finally:
         engine.dispose()
+
+
+def test_the_schema_head_constant_is_the_newest_migration():
+    """Commands check the database's revision against SCHEMA_HEAD without reading the migrations."""
+    assert head_revisions() == (SCHEMA_HEAD,)
