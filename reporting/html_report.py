@@ -214,6 +214,7 @@ def _latest_table(data: ReportData) -> str:
     latest = data.corrections[-LATEST:][::-1]
     if not latest:
         return "<p class='note'>No corrections yet.</p>"
+    several = len({c["model"] for c in data.corrections}) > 1
     rows = []
     for c in latest:
         p = data.probabilities.get(c["id"], {})
@@ -221,6 +222,7 @@ def _latest_table(data: ReportData) -> str:
         change = f"{before:.2f} &rarr; {after:.2f}" if before is not None and after is not None else ""
         cells = [
             str(c["id"]),
+            *([html.escape(c["model"])] if several else []),
             html.escape(c["status"]),
             html.escape(c["subject"]),
             html.escape(c["target"]),
@@ -229,5 +231,6 @@ def _latest_table(data: ReportData) -> str:
             f"<code>metake show {c['id']}</code>",
         ]
         rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
-    head = "".join(f"<th>{h}</th>" for h in ("id", "status", "subject", "target", "P(target)", "submitted", "story"))
+    headers = ("id", *(("model",) if several else ()), "status", "subject", "target", "P(target)", "submitted", "story")
+    head = "".join(f"<th>{h}</th>" for h in headers)
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"

@@ -25,7 +25,7 @@ LATEST = 50
 class ReportData:
     since: datetime | None
     corrections: list[dict[str, Any]] = field(default_factory=list)
-    """id, subject, target, status, submitted_at, applied_at (of its edit), in id order."""
+    """id, model, subject, target, status, submitted_at, applied_at (of its edit), in id order."""
     probabilities: dict[int, dict[str, float]] = field(default_factory=dict)
     """Per applied correction: ``target_prob.pre`` / ``.post`` and the same for ``original_prob``."""
     realised_gain: list[float] = field(default_factory=list)
@@ -42,7 +42,14 @@ def report_data(session: Session, since: datetime | None = None, model: str | No
     if model is not None:
         edits_of_model = edits_of_model.where(Checkpoint.model == model)
     query = (
-        select(Correction.id, Correction.subject, Correction.target, Correction.status, Correction.submitted_at)
+        select(
+            Correction.id,
+            Correction.model,
+            Correction.subject,
+            Correction.target,
+            Correction.status,
+            Correction.submitted_at,
+        )
         .add_columns(Edit.finished_at)
         .outerjoin(Edit, Edit.id == Correction.edit_id)
         .order_by(Correction.id)
@@ -55,6 +62,7 @@ def report_data(session: Session, since: datetime | None = None, model: str | No
         data.corrections.append(
             {
                 "id": row.id,
+                "model": row.model,
                 "subject": row.subject,
                 "target": row.target,
                 "status": row.status.value,

@@ -120,3 +120,16 @@ def test_a_real_browser_renders_the_report_with_its_figures(metake, sessions, tm
     # anti-aliased shades appear; a page whose images failed to load is text on white.
     near_blue = sum(n for n, (r, g, b) in colours if abs(r - 0x1F) < 24 and abs(g - 0x77) < 24 and abs(b - 0xB4) < 24)
     assert len(colours) > 500 and near_blue > 500, (len(colours), near_blue)
+
+
+def test_a_report_of_several_models_names_them_and_filters_by_one(metake, sessions, tmp_path):
+    _life(sessions, edits=2)
+    with sessions.begin() as session:
+        submit_many(session, [make_correction("The capital of {} is", "Peru", "Rome")], "bob", model="other-bot")
+    both, one = tmp_path / "both.html", tmp_path / "one.html"
+    assert metake("report", "--out", str(both)).stdout.endswith(", 5 corrections)\n")
+    page = both.read_text()
+    assert "<th>model</th>" in page and "<td>other-bot</td>" in page and "<td>default</td>" in page
+    assert metake("report", "--out", str(one), "--model", "other-bot").stdout.endswith(", 1 corrections)\n")
+    only = one.read_text()
+    assert "<td>Peru</td>" in only and "Country 0" not in only and "<th>model</th>" not in only
