@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from engine.editor import EditFailed, Editor
+from engine.files import atomic_path, atomic_write_text
 from engine.hparams import EditHyperParams
 from engine.models import LoadedModel
 from engine.state import EditorState
@@ -88,6 +89,7 @@ def run_lifelong(
         editor.load_weights(base)
         done, state = _resume(out, method, editor)
         runs[method] = _Run(done, state, editor.edited_weights())
+    _trim(curves, {method: run.done for method, run in runs.items()})
     bars = {
         m: tqdm(total=len(records), initial=r.done, desc=f"{m} lifelong", disable=not progress) for m, r in runs.items()
     }
@@ -205,26 +207,44 @@ def _measure(loaded: LoadedModel, editor: Editor, state: EditorState, done: int,
     }
 
 
-def _paths(out: Path, method: str) -> tuple[Path, Path, Path]:
-    return out / f"resume-{method}.json", out / f"resume-{method}-weights.safetensors", out / f"resume-{method}-state"
+def _meta_path(out: Path, method: str) -> Path:
+    return out / f"resume-{method}.json"
 
 
 def _save(out: Path, method: str, editor: Editor, state: EditorState, done: int) -> None:
-    meta, weights, state_path = _paths(out, method)
-    save_file({k: v.contiguous().cpu() for k, v in editor.edited_weights().items()}, weights)
-    state.save(state_path)
-    meta.write_text(json.dumps({"edits": done}))
+    """Weights and state under names of their own, then the meta that points at them (renamed into
+    place last): a kill at any moment leaves the previous point whole."""
+    weights, state_path = f"resume-{method}-{done}-weights.safetensors", f"resume-{method}-{done}-state"
+    with atomic_path(out / weights) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in editor.edited_weights().items()}, tmp)
+    state.save(out / state_path)
+    meta = _meta_path(out, method)
+    previous = json.loads(meta.read_text()) if meta.exists() else {}
+    atomic_write_text(meta, json.dumps({"edits": done, "weights": weights, "state": state_path}))
+    for name in (previous.get("weights"), previous.get("state")):
+        if name and name not in (weights, state_path):
+            (out / name).unlink(missing_ok=True)
 
 
 def _resume(out: Path, method: str, editor: Editor) -> tuple[int, EditorState]:
     """Where a method left off: (edits done, its state), weights loaded; (0, a fresh state) otherwise."""
-    meta, weights, state_path = _paths(out, method)
+    meta = _meta_path(out, method)
     if not meta.exists():
         return 0, editor.new_state()
-    state = EditorState.load(state_path, editor.loaded.device)
+    saved = json.loads(meta.read_text())
+    state = EditorState.load(out / saved["state"], editor.loaded.device)
     editor.check_state(state)
-    editor.load_weights({k: v.to(editor.loaded.device) for k, v in load_file(weights).items()})
-    return int(json.loads(meta.read_text())["edits"]), state
+    editor.load_weights({k: v.to(editor.loaded.device) for k, v in load_file(out / saved["weights"]).items()})
+    return int(saved["edits"]), state
+
+
+def _trim(curves: Path, done: dict[str, int]) -> None:
+    """Drop points measured after a method's last saved state (killed between the two): the
+    resumed run measures them again."""
+    points = _read_points(curves)
+    kept = [p for p in points if p["method"] not in done or p["edits"] <= done[p["method"]]]
+    if len(kept) < len(points):
+        atomic_write_text(curves, "".join(json.dumps(p) + "\n" for p in kept))
 
 
 def draw_curves(points: list[dict[str, Any]], out: Path) -> list[Path]:

@@ -199,8 +199,13 @@ def test_bench_reports_generation_metrics_for_counterfact(tiny_llama, tmp_path, 
     assert sorted(prompts_seen) == sorted(said)
 
 
-def test_lifelong_run_writes_curves_and_plots_and_resumes_where_it_stopped(tiny_llama, tmp_path):
+def saved_weights(out, method: str) -> dict:
     from safetensors.torch import load_file
+
+    return load_file(out / json.loads((out / f"resume-{method}.json").read_text())["weights"])
+
+
+def test_lifelong_run_writes_curves_and_plots_and_resumes_where_it_stopped(tiny_llama, tmp_path):
 
     from evaluation.lifelong import run_lifelong
 
@@ -216,15 +221,17 @@ def test_lifelong_run_writes_curves_and_plots_and_resumes_where_it_stopped(tiny_
     assert points[0]["specificity"] is not None and points[0]["max_norm_growth"] == 0.0  # the reference
     assert {p.name for p in whole.glob("*.png")} >= {"retention.png", "max_norm_growth.png", "log10_condition.png"}
     run_lifelong(loaded, methods, records[:3], 1, 2, parts, None, [], progress=False)  # interrupted after 3
+    with (parts / "curves.jsonl").open("a") as handle:  # killed after writing a point, before saving its state
+        handle.write(json.dumps({"method": "alphaedit", "edits": 5, "retention": -1.0}) + "\n")
     resumed = run_lifelong(loaded, methods, records, 1, 2, parts, None, [], progress=False)
+    assert -1.0 not in [p.get("retention") for p in resumed]  # the unsaved point was dropped and measured again
+    assert len(list(parts.glob("resume-alphaedit-*-weights.safetensors"))) == 1  # earlier points' files removed
     assert [p["edits"] for p in resumed] == [0, 2, 3, 4, 5]  # the reference is measured once
-    a = load_file(whole / "resume-alphaedit-weights.safetensors")
-    b = load_file(parts / "resume-alphaedit-weights.safetensors")
+    a, b = saved_weights(whole, "alphaedit"), saved_weights(parts, "alphaedit")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # as if never interrupted
 
 
 def test_lifelong_methods_take_turns_without_touching_each_others_weights(tiny_llama, tmp_path):
-    from safetensors.torch import load_file
 
     from evaluation.lifelong import run_lifelong
 
@@ -239,8 +246,7 @@ def test_lifelong_methods_take_turns_without_touching_each_others_weights(tiny_l
         alone = run_lifelong(loaded, {method: hparams}, records, 1, 2, tmp_path / method, None, [], progress=False)
         mine = [p["retention"] for p in alone if p["method"] == method]
         assert mine == [p["retention"] for p in points if p["method"] == method]
-        a = load_file(tmp_path / "both" / f"resume-{method}-weights.safetensors")
-        b = load_file(tmp_path / method / f"resume-{method}-weights.safetensors")
+        a, b = saved_weights(tmp_path / "both", method), saved_weights(tmp_path / method, method)
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
