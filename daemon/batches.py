@@ -175,16 +175,18 @@ class BatchPipeline:
         try:
             with self.stop.abandonable():
                 crash_point("before_apply")
-                with timer.phase("generate"):
-                    work.said_before = said(loaded.model, loaded.tokenizer, work.claimed)
+                if self.held.settings.gen_metrics:
+                    with timer.phase("generate"):
+                        work.said_before = said(loaded.model, loaded.tokenizer, work.claimed)
                 with timer.phase("edit"):
                     work.outcome = self.held.model.editor.apply(
                         [edit_request(c) for c in work.claimed], self.held.state
                     )
                 report.seconds["metrics_in_edit"] = work.outcome.seconds.get("probabilities", 0.0)
-                with timer.phase("generate"):
-                    applied = [work.by_id[i] for i in work.applied]
-                    work.said_after = said(loaded.model, loaded.tokenizer, applied)
+                if self.held.settings.gen_metrics:
+                    with timer.phase("generate"):
+                        applied = [work.by_id[i] for i in work.applied]
+                        work.said_after = said(loaded.model, loaded.tokenizer, applied)
         except Abandon:
             work.release = _ABANDONED
             raise

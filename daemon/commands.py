@@ -76,6 +76,12 @@ def edit_options(function: CommandFunction) -> CommandFunction:
         click.option("--batch-size", type=int, default=1, show_default=True, help="Corrections per edit."),
         click.option("--threads", type=int, default=None, help="Torch CPU threads [default: the cores it may use]."),
         click.option("--max-attempts", type=int, default=3, show_default=True, help="Tries before a correction fails."),
+        click.option(
+            "--gen-metrics/--no-gen-metrics",
+            default=True,
+            show_default=True,
+            help="Record whether the model says each fact (greedy decoding) before and after its edit.",
+        ),
         click.option("--keep-last", type=int, default=5, show_default=True, help="Keep the newest K checkpoints."),
         click.option("--keep-every", type=int, default=10, show_default=True, help="... and every M-th (0: none)."),
         click.option("--health-every", type=int, default=10, show_default=True, help="Health check every N batches."),
@@ -104,6 +110,7 @@ def settings_from(options: dict[str, Any]) -> DaemonSettings:
         batch_size=options["batch_size"],
         threads=options["threads"],
         max_attempts=options["max_attempts"],
+        gen_metrics=options["gen_metrics"],
         lease_seconds=options["lease_seconds"],
         retention=Retention(options["keep_last"], options["keep_every"]),
         health=HealthSettings(

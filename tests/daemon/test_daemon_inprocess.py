@@ -253,3 +253,12 @@ def test_the_daemon_records_whether_the_model_says_each_fact_before_and_after(st
     expected = {(i, "gen_efficacy", phase) for i in (1, 2, 3, 4) for phase in (Phase.PRE, Phase.POST)}
     assert recorded == expected  # FACTS have no paraphrases or neighbours: only the prompt is asked
     assert all(m.value in (0.0, 1.0) for m in rows)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_generation_metrics_can_be_turned_off(store, tiny, log, one_thread):
+    submit_facts(store, FACTS[:1])
+    report = apply_pending(make_daemon(store, tiny, log, gen_metrics=False))
+    assert [b.applied for b in report.batches] == [[1]] and "generate" not in report.batches[0].seconds
+    with store.sessions()() as session:
+        assert session.scalars(select(Metric).where(Metric.name.like("gen_%"))).all() == []
