@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from storage.audit import canonical_json
-from storage.models import Edit, Metric, Phase
+from storage.models import Checkpoint, Edit, Metric, Phase
 
 
 @dataclass(frozen=True)
@@ -93,3 +93,10 @@ def edit_digest(session: Session, edit_id: int) -> str:
         "metrics": [[c, n, Phase(p).value, repr(float(v))] for c, n, p, v in metrics],
     }
     return hashlib.sha256(canonical_json(content).encode()).hexdigest()
+
+
+def edits_of_model(model: str) -> Select[tuple[int]]:
+    """The ids of the edits of the model named ``model`` (for ``IN``): an edit belongs to the model
+    of the checkpoint it produced."""
+    after = Checkpoint.id == Edit.checkpoint_after_id
+    return select(Edit.id).join(Checkpoint, after).where(Checkpoint.model == model)

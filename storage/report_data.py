@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from storage.audit import AuditKind
+from storage.edits import edits_of_model
 from storage.models import AuditEvent, Checkpoint, Correction, Edit, Metric, Phase
 
 PROBABILITY_METRICS = ("target_prob", "original_prob")
@@ -38,9 +39,6 @@ class ReportData:
 def report_data(session: Session, since: datetime | None = None, model: str | None = None) -> ReportData:
     """The report's figures and tables: of every model, or only of the model named ``model``."""
     data = ReportData(since)
-    edits_of_model = select(Edit.id).join(Checkpoint, Checkpoint.id == Edit.checkpoint_after_id)
-    if model is not None:
-        edits_of_model = edits_of_model.where(Checkpoint.model == model)
     query = (
         select(
             Correction.id,
@@ -81,7 +79,7 @@ def report_data(session: Session, since: datetime | None = None, model: str | No
     if since is not None:
         metrics = metrics.where(Edit.finished_at >= since)
     if model is not None:
-        metrics = metrics.where(Edit.id.in_(edits_of_model))
+        metrics = metrics.where(Edit.id.in_(edits_of_model(model)))
     for correction_id, name, phase, value, finished in session.execute(metrics):
         if name == "realised_gain":
             data.realised_gain.append(value)
@@ -94,7 +92,7 @@ def report_data(session: Session, since: datetime | None = None, model: str | No
     if since is not None:
         health = health.where(AuditEvent.at >= since)
     if model is not None:  # a health check follows an edit of its model
-        health = health.where(AuditEvent.edit_id.in_(edits_of_model))
+        health = health.where(AuditEvent.edit_id.in_(edits_of_model(model)))
     for at, payload in session.execute(health.order_by(AuditEvent.id)):
         data.health.append({"at": at, **{k: payload.get(k) for k in ("retention", "perplexity_ratio", "tested")}})
     checkpoints = select(Checkpoint).order_by(Checkpoint.id)

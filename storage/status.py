@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from storage.audit import AuditKind, verify_chain
 from storage.checkpoints import head_checkpoint
+from storage.edits import edits_of_model
 from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus, DaemonLease, Edit
 from storage.serialize import iso
 from storage.types import utcnow
@@ -141,8 +142,7 @@ def _last_health(session: Session, model: str | None) -> dict[str, Any] | None:
         .limit(1)
     )
     if model is not None:  # a health check follows an edit, whose after-checkpoint names the model
-        edits = select(Edit.id).join(Checkpoint, Checkpoint.id == Edit.checkpoint_after_id)
-        query = query.where(AuditEvent.edit_id.in_(edits.where(Checkpoint.model == model)))
+        query = query.where(AuditEvent.edit_id.in_(edits_of_model(model)))
     row = session.execute(query).first()
     if row is None:
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import subprocess
@@ -133,3 +134,7 @@ def test_a_report_of_several_models_names_them_and_filters_by_one(metake, sessio
     assert metake("report", "--out", str(one), "--model", "other-bot").stdout.endswith(", 1 corrections)\n")
     only = one.read_text()
     assert "<td>Peru</td>" in only and "Country 0" not in only and "<th>model</th>" not in only
+    assert only.count("data:image/png") == 1  # its corrections only: the edits, checks and checkpoints are default's
+    status = json.loads(metake("status", "--model", "other-bot", "--json").stdout)
+    assert status["last_health"] is None and status["last_applied"] is None
+    assert json.loads(metake("status", "--model", "default", "--json").stdout)["last_health"] is not None
