@@ -9,7 +9,6 @@ Every command except ``init`` and ``db upgrade`` opens the store through
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -26,11 +25,12 @@ from evaluation.commands import bench
 from storage.audit import ChainBreak, ChainHead, chain_head, check_head, event_count, sealed_from, verify_chain
 from storage.audit_key import KEY_BYTES, write_new_audit_key
 from storage.audit_rows import verify_rows
-from storage.busy import announce_import, running_import
+from storage.busy import running_import
 from storage.checkpoints import all_checkpoints, model_checkpoints
 from storage.context import StoreContext
 from storage.db import current_revisions, damage_report, database_error_message, is_busy
 from storage.errors import InvalidInput, UserError
+from storage.imports import import_corrections
 from storage.intake import (
     CorrectionInput,
     ParsedFile,
@@ -65,6 +65,8 @@ from storage.status import Status, gather_status
 CommandFunction = TypeVar("CommandFunction", bound=Callable[..., Any])
 STATUS_CHOICE = click.Choice([status.value for status in CorrectionStatus], case_sensitive=False)
 CELL_MAX_CHARS = 48
+IMPORT_ONLY_STATUSES = frozenset({CorrectionStatus.STAGED.value, CorrectionStatus.ABANDONED.value})
+"""Statuses only a chunked import gives; the status line shows them only when some exist."""
 
 
 class OneLineUsageError(click.ClickException):
@@ -306,10 +308,16 @@ def submit(
             )
         ]
     sessions = store.sessions()
-    with sessions.begin() as session:
-        announced = announce_import(session, len(corrections), who) if file is not None else contextlib.nullcontext()
-        with announced:
+    if file is None:
+        with sessions.begin() as session:
             ids = submit_many(session, corrections, who, model=model_name)
+    else:
+        from tqdm import tqdm  # only where a file is imported: submit starts without it
+
+        with tqdm(total=len(corrections), desc="import", unit="rec", file=sys.stderr, disable=None) as bar:
+            ids = import_corrections(
+                sessions, corrections, who, model=model_name, source=str(file)[-200:], progress=bar.update
+            )
     for new_id in ids:
         click.echo(new_id)
     if file is not None:
@@ -594,7 +602,8 @@ def status_lines(found: Status) -> list[str]:
                 f"checkpoint  {head['id']} ({head['kind'] or '?'}), {_when(head['created_at'], now)}, "
                 f"{head['size_bytes'] / 1e6:.1f} MB"
             )
-    lines.append("queue       " + ", ".join(f"{name} {count}" for name, count in found.queue.items()))
+    shown = {name: count for name, count in found.queue.items() if count or name not in IMPORT_ONLY_STATUSES}
+    lines.append("queue       " + ", ".join(f"{name} {count}" for name, count in shown.items()))
     last = found.last_applied
     lines.append(
         f"last edit   correction {last['id']} ({last['subject']} -> {last['target']}), {_when(last['at'], now)}"

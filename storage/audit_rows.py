@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from storage.audit import AuditKind, payload_text
 from storage.edits import edit_digest
-from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus, Edit
+from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus, Edit, Import, ImportStatus
 
 SUBMITTED_FIELDS = (
     "model",
@@ -36,8 +36,12 @@ SUBMITTED_FIELDS = (
     "neighbors",
     "priority",
     "source",
+    "import_id",
 )
 """What a ``submitted`` event records of its correction (besides the submitter, its actor)."""
+
+_OPTIONAL_FIELDS = ("source", "import_id")
+"""Recorded only when set; a whole (``prompt``-carrying) event without one says the row has none."""
 
 _STATUS_AFTER = {
     AuditKind.SUBMITTED: CorrectionStatus.PENDING,
@@ -53,8 +57,9 @@ _STATUS_AFTER = {
 def submitted_payload(correction: Correction) -> dict[str, Any]:
     """The ``submitted`` event's payload: the whole correction as it was queued."""
     payload = {name: getattr(correction, name) for name in SUBMITTED_FIELDS}
-    if payload["source"] is None:
-        del payload["source"]
+    for optional in _OPTIONAL_FIELDS:
+        if payload[optional] is None:
+            del payload[optional]
     return payload
 
 
@@ -81,10 +86,19 @@ class _CheckpointStory:
 
 
 @dataclass
+class _ImportStory:
+    started: dict[str, Any]
+    submitter: str
+    status: ImportStatus = ImportStatus.RUNNING
+    corrections: list[int] = field(default_factory=list)
+
+
+@dataclass
 class RowReport:
     corrections: int = 0
     checkpoints: int = 0
     edits: int = 0
+    imports: int = 0
     mismatch: RowMismatch | None = None
 
 
@@ -116,14 +130,21 @@ def verify_rows(session: Session) -> RowReport:
     checkpoints: dict[int, _CheckpointStory] = {}
     edits: dict[int, str | None] = {}
     """Edit id -> the digest its checkpoint_written event recorded (None: an event from before digests)."""
+    imports: dict[int, _ImportStory] = {}
     for kind, correction_id, checkpoint_id, actor, payload, edit_id in _events(session):
         if kind == AuditKind.CHECKPOINT_WRITTEN and edit_id is not None:
             edits[edit_id] = payload.get("edit_sha256")
+        if kind in _IMPORT_KINDS:
+            _import_event(AuditKind(kind), payload, actor, imports, stories)
         if correction_id is not None:
             story = stories.setdefault(correction_id, _Story())
             if kind == AuditKind.SUBMITTED:
                 story.submitted, story.submitter = payload, actor
-            if kind == AuditKind.FAILED:
+            if kind == AuditKind.SUBMITTED and payload.get("import_id") is not None:
+                story.status = CorrectionStatus.STAGED
+                if payload["import_id"] in imports:
+                    imports[payload["import_id"]].corrections.append(correction_id)
+            elif kind == AuditKind.FAILED:
                 story.status = CorrectionStatus.PENDING if payload.get("retry") else CorrectionStatus.FAILED
             elif kind in _STATUS_AFTER:
                 story.status = _STATUS_AFTER[AuditKind(kind)]
@@ -136,8 +157,53 @@ def verify_rows(session: Session) -> RowReport:
         _check_corrections(session, stories, report)
         or _check_checkpoints(session, checkpoints, report)
         or _check_edits(session, edits, report)
+        or _check_imports(session, imports, report)
     )
     return report
+
+
+_IMPORT_KINDS = frozenset({AuditKind.IMPORT_STARTED, AuditKind.IMPORT_COMPLETED, AuditKind.IMPORT_ABANDONED})
+
+
+def _import_event(
+    kind: AuditKind, payload: dict[str, Any], actor: str, imports: dict[int, _ImportStory], stories: dict[int, _Story]
+) -> None:
+    """An import's start, or its end, which settles every correction it staged at once."""
+    import_id = payload.get("import_id")
+    if kind == AuditKind.IMPORT_STARTED:
+        imports[import_id] = _ImportStory(payload, actor)
+        return
+    found = imports.get(import_id)
+    if found is None:
+        return  # an end without a start: _check_imports reports the row, or nothing exists to check
+    found.status = ImportStatus.COMPLETE if kind == AuditKind.IMPORT_COMPLETED else ImportStatus.ABANDONED
+    settled = CorrectionStatus.PENDING if kind == AuditKind.IMPORT_COMPLETED else CorrectionStatus.ABANDONED
+    for correction_id in found.corrections:
+        if stories[correction_id].status == CorrectionStatus.STAGED:
+            stories[correction_id].status = settled
+
+
+def _check_imports(session: Session, stories: dict[int, _ImportStory], report: RowReport) -> RowMismatch | None:
+    """Each import row against its import_started event and the event that ended it."""
+    seen: set[int] = set()
+    for row in session.scalars(select(Import).order_by(Import.id)):
+        seen.add(row.id)
+        report.imports += 1
+        story = stories.get(row.id)
+        if story is None:
+            return RowMismatch("imports", row.id, "it has no import_started event (the row was forged)")
+        fields = {"records": row.records, "model": row.model, "source": row.source}
+        for name, value in fields.items():
+            if story.started.get(name) != value:
+                return RowMismatch("imports", row.id, f"its {name} differs from its import_started event")
+        if row.submitter != story.submitter:
+            return RowMismatch("imports", row.id, "its submitter differs from its import_started event")
+        if row.status != story.status:
+            said = story.status.value
+            return RowMismatch("imports", row.id, f"its status is {row.status.value}, its events say {said}")
+    for import_id in sorted(set(stories) - seen):
+        return RowMismatch("imports", import_id, "its events exist but the row is gone (deleted)")
+    return None
 
 
 def _check_edits(session: Session, recorded: dict[int, str | None], report: RowReport) -> RowMismatch | None:
@@ -164,8 +230,9 @@ def _check_corrections(session: Session, stories: dict[int, _Story], report: Row
         for name in SUBMITTED_FIELDS:
             if name in story.submitted and story.submitted[name] != recorded.get(name):
                 return RowMismatch("corrections", row.id, f"its {name} differs from its submitted event")
-        if "prompt" in story.submitted and "source" not in story.submitted and row.source is not None:
-            return RowMismatch("corrections", row.id, "its source differs from its submitted event")  # added
+        for optional in _OPTIONAL_FIELDS:
+            if "prompt" in story.submitted and optional not in story.submitted and recorded.get(optional) is not None:
+                return RowMismatch("corrections", row.id, f"its {optional} differs from its submitted event")  # added
         if row.submitter != story.submitter:
             return RowMismatch("corrections", row.id, "its submitter differs from its submitted event")
         if row.status != story.status:

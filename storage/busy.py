@@ -1,7 +1,7 @@
 """Who holds the database's write lock: the one line a command that waited too long prints.
 
-A bulk import is the one long writer (one transaction, all or nothing). While it runs it
-announces itself where the others can see it without a lock: on SQLite in a small JSON note
+A bulk import is the longest writer (one transaction per chunk of it, storage.imports). While
+it holds the lock it announces itself where the others can see it without a lock: on SQLite in a small JSON note
 beside the database file, on PostgreSQL as its session's ``application_name`` (visible in
 ``pg_stat_activity``). A command whose lock wait timed out then says what it waited for:
 "the database is busy: an import of 20000 records by alice (started 31 s ago) is running; retry".
@@ -35,10 +35,11 @@ def _description(records: int, submitter: str, started: datetime) -> str:
 
 
 @contextmanager
-def announce_import(session: Session, records: int, submitter: str) -> Iterator[None]:
-    """Make this import visible to commands that time out waiting for it (call inside its transaction)."""
+def announce_import(session: Session, records: int, submitter: str, started: datetime | None = None) -> Iterator[None]:
+    """Make this import (or one chunk of it, ``started`` at the import's start) visible to commands
+    that time out waiting for it; call inside its transaction."""
     engine = session.get_bind()
-    started = utcnow()
+    started = started or utcnow()
     database = sqlite_file(engine.url)
     if engine.dialect.name == "postgresql":
         name = f"{APPLICATION_PREFIX}{records}:{int(started.timestamp())}:{submitter}"

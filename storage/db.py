@@ -34,7 +34,7 @@ LOCK_TIMEOUT_S = 30.0
 PG_CONNECT_TIMEOUT_S = 10
 UPGRADE_HINT = "run `metake db upgrade`"
 READ_ONLY_OPTION = "metake_read_only"
-SCHEMA_HEAD = "4f7a9e31c2d8"
+SCHEMA_HEAD = "b7d2c5a9e1f4"
 """The newest migration in migrations/versions (a test checks it), so that a command can check the
 database's revision without importing alembic and reading every migration (a fifth of its start-up)."""
 

@@ -60,6 +60,18 @@ class CorrectionStatus(enum.StrEnum):
     REJECTED = "rejected"
     SUPERSEDED = "superseded"
     REVERTED = "reverted"
+    STAGED = "staged"
+    """Written by a bulk import that has not completed yet: nobody claims, lists or supersedes it."""
+    ABANDONED = "abandoned"
+    """Staged by an import whose process died before completing it (never queued)."""
+
+
+class ImportStatus(enum.StrEnum):
+    """A bulk import's life (storage.imports): running until completed or found abandoned."""
+
+    RUNNING = "running"
+    COMPLETE = "complete"
+    ABANDONED = "abandoned"
 
 
 class RevertStatus(enum.StrEnum):
@@ -135,12 +147,34 @@ class Correction(Base):
     claimed_at: Mapped[datetime | None]
     edit_id: Mapped[int | None] = mapped_column(ForeignKey("edits.id"), index=True)
     superseded_by: Mapped[int | None] = mapped_column(ForeignKey("corrections.id"))
+    import_id: Mapped[int | None] = mapped_column(ForeignKey("imports.id"), index=True)
+    """The bulk import that wrote it in chunks (storage.imports); None for one-transaction submits."""
 
     edit: Mapped[Edit | None] = relationship(back_populates="corrections")
 
     def filled_prompt(self) -> str:
         """The prompt with the subject written in, as the model reads it."""
         return self.prompt.replace("{}", self.subject, 1)
+
+
+class Import(Base):
+    """A bulk import written in chunks: its corrections stay staged until it completes (storage.imports)."""
+
+    __tablename__ = "imports"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model: Mapped[str] = mapped_column(String(MODEL_NAME_MAX_CHARS))
+    submitter: Mapped[str] = mapped_column(String(100))
+    source: Mapped[str | None] = mapped_column(String(200))
+    records: Mapped[int]
+    """How many corrections the import will write."""
+    status: Mapped[ImportStatus] = mapped_column(_str_enum(ImportStatus, "import_status"))
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int]
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+    """Renewed with every chunk: an import on another host is abandoned once this is old."""
+    finished_at: Mapped[datetime | None]
 
 
 class Edit(Base):

@@ -37,7 +37,7 @@ def _fact_key(prompt: str, subject: str) -> int:
     return int.from_bytes(digest[:4], "big", signed=True)
 
 
-def _lock_facts(session: Session, facts: Iterable[tuple[str, str]]) -> None:
+def lock_facts(session: Session, facts: Iterable[tuple[str, str]]) -> None:
     """Serialise submissions of the same facts, so two of them cannot both stay pending.
 
     Locks are taken in key order in one statement, so two imports never wait on each other in a
@@ -72,9 +72,10 @@ def submit_many(
     return ids
 
 
-def _submit_chunk(session: Session, chunk: list[CorrectionInput], submitter: str, model: str) -> list[int]:
-    facts = {(c.prompt, c.subject) for c in chunk}
-    _lock_facts(session, facts)
+def pending_for_facts(
+    session: Session, facts: set[tuple[str, str]], model: str
+) -> dict[tuple[str, str], list[Correction]]:
+    """``model``'s pending corrections of these (prompt, subject) facts, locked, oldest first."""
     pending: dict[tuple[str, str], list[Correction]] = {}
     subjects = sorted({subject for _, subject in facts})
     for start in range(0, len(subjects), 500):
@@ -91,25 +92,14 @@ def _submit_chunk(session: Session, chunk: list[CorrectionInput], submitter: str
         for row in session.scalars(query):
             if (row.prompt, row.subject) in facts:
                 pending.setdefault((row.prompt, row.subject), []).append(row)
-    now = utcnow()
-    rows = [
-        Correction(
-            model=model,
-            prompt=c.prompt,
-            subject=c.subject,
-            target=c.target,
-            original_answer=c.original_answer,
-            paraphrases=list(c.paraphrases),
-            neighbors=[{"prompt": n.prompt, "answer": n.answer} for n in c.neighbors],
-            priority=c.priority,
-            submitter=submitter,
-            source=c.source,
-            submitted_at=now,
-            status=CorrectionStatus.PENDING,
-            attempts=0,
-        )
-        for c in chunk
-    ]
+    return pending
+
+
+def _submit_chunk(session: Session, chunk: list[CorrectionInput], submitter: str, model: str) -> list[int]:
+    facts = {(c.prompt, c.subject) for c in chunk}
+    lock_facts(session, facts)
+    pending = pending_for_facts(session, facts, model)
+    rows = new_rows(chunk, submitter, model)
     session.add_all(rows)
     session.flush()
     events: list[NewEvent] = []
@@ -124,6 +114,36 @@ def _submit_chunk(session: Session, chunk: list[CorrectionInput], submitter: str
     session.flush()
     append_events(session, events)
     return [row.id for row in rows]
+
+
+def new_rows(
+    chunk: Sequence[CorrectionInput],
+    submitter: str,
+    model: str,
+    status: CorrectionStatus = CorrectionStatus.PENDING,
+    import_id: int | None = None,
+) -> list[Correction]:
+    """Correction rows for validated inputs (not yet added to a session)."""
+    now = utcnow()
+    return [
+        Correction(
+            model=model,
+            prompt=c.prompt,
+            subject=c.subject,
+            target=c.target,
+            original_answer=c.original_answer,
+            paraphrases=list(c.paraphrases),
+            neighbors=[{"prompt": n.prompt, "answer": n.answer} for n in c.neighbors],
+            priority=c.priority,
+            submitter=submitter,
+            source=c.source,
+            submitted_at=now,
+            status=status,
+            attempts=0,
+            import_id=import_id,
+        )
+        for c in chunk
+    ]
 
 
 def claim_batch(session: Session, limit: int, worker: str, *, model: str = DEFAULT_MODEL_NAME) -> list[Correction]:

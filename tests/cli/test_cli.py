@@ -27,9 +27,10 @@ from click.testing import CliRunner
 from sqlalchemy import update
 
 import storage.db
+import storage.imports
 from cli import main
 from storage.audit import CHAIN_LOCK_KEY, append_event
-from storage.busy import announce_import
+from storage.busy import announce_import, running_import
 from storage.checkpoints import audit_checkpoint
 from storage.db import read_only
 from storage.models import Checkpoint, Correction, DaemonLease, Edit, Metric, Phase
@@ -399,7 +400,7 @@ def test_unknown_status_name(metake, row_counts):
     before = row_counts()
     expected = (
         "Invalid value for '--status': 'pendng' is not one of 'pending', 'applying', 'applied', 'failed', "
-        "'rejected', 'superseded', 'reverted'."
+        "'rejected', 'superseded', 'reverted', 'staged', 'abandoned'."
     )
     one_line_error(metake("queue", "--status", "pendng"), expected, 2)
     one_line_error(metake("history", "--status", "pendng"), expected, 2)
@@ -723,18 +724,17 @@ def test_an_unmerged_write_ahead_log_on_a_read_only_file_system_is_refused(tmp_p
 
 
 def test_a_file_import_announces_itself_while_it_runs(metake, monkeypatch, tmp_path):
-    import cli
-
+    """Every transaction of an import (one, or one per chunk) says what it is to whoever waits."""
     seen = []
-    real = cli.announce_import
+    real = storage.imports.announce_import
 
     @contextlib.contextmanager
-    def spy(session, records, submitter):
-        with real(session, records, submitter):
-            seen.append((records, submitter, cli.running_import(session.get_bind())))
+    def spy(session, records, submitter, started=None):
+        with real(session, records, submitter, started):
+            seen.append((records, submitter, running_import(session.get_bind())))
             yield
 
-    monkeypatch.setattr(cli, "announce_import", spy)
+    monkeypatch.setattr(storage.imports, "announce_import", spy)
     records = [{"prompt": PROMPT, "subject": f"Person {i}", "target": "English"} for i in range(3)]
     lines = "".join(json.dumps(record) + "\n" for record in records)
     path = tmp_path / "three.jsonl"
@@ -743,3 +743,56 @@ def test_a_file_import_announces_itself_while_it_runs(metake, monkeypatch, tmp_p
     assert metake("submit", *DARRIEUX, "--target", "English").exit_code == 0  # one correction: no announcement
     assert [(records, who) for records, who, _ in seen] == [(3, "bob")]
     assert seen[0][2].startswith("an import of 3 records by bob (started ")  # what a waiting command reads
+    monkeypatch.setattr(storage.imports, "IMPORT_CHUNK", 2)
+    assert metake("submit", "--file", str(path), "--as", "carol").exit_code == 0
+    assert [(records, who) for records, who, _ in seen[1:]] == [(3, "carol"), (3, "carol")]  # two chunks
+
+
+def counts_by_status(engine) -> dict[str, int]:
+    with engine.connect() as connection:
+        query = "SELECT status, count(*) FROM corrections GROUP BY status"
+        return dict(connection.execute(sqlalchemy.text(query)).all())
+
+
+def test_an_import_killed_midway_queues_nothing_and_is_abandoned_by_the_next(metake, db_url, engine, tmp_path):
+    """kill -9 between two committed chunks: nothing pending, the next import abandons what was
+    staged, and the rows and chain verify throughout."""
+    records = [{"prompt": PROMPT, "subject": f"Person {i}", "target": "English"} for i in range(40000)]
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    root = Path(__file__).resolve().parents[2]
+    command = [
+        sys.executable,
+        "-m",
+        "cli",
+        "--home",
+        str(tmp_path / "home"),
+        "--db",
+        db_url,
+        "submit",
+        "--file",
+        str(path),
+    ]
+    importer = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staged = "SELECT count(*) FROM corrections WHERE status = 'staged'"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and importer.poll() is None:
+            with engine.connect() as connection:
+                if connection.execute(sqlalchemy.text(staged)).scalar():
+                    break
+            time.sleep(0.02)
+        importer.kill()
+    finally:
+        importer.wait()
+    statuses = counts_by_status(engine)
+    assert set(statuses) == {"staged"} and 0 < statuses["staged"] < 40000  # killed midway, nothing queued
+    assert metake("audit", "verify").exit_code == 0
+    assert json.loads(metake("queue", "--json").stdout) == []
+    small = tmp_path / "small.jsonl"
+    small.write_text(json.dumps(records[0] | {"target": "French"}) + "\n")
+    assert metake("submit", "--file", str(small)).exit_code == 0
+    after = counts_by_status(engine)
+    assert after == {"abandoned": statuses["staged"], "pending": 1}
+    verified = metake("audit", "verify")
+    assert verified.exit_code == 0, verified.output
