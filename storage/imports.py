@@ -35,7 +35,7 @@ from storage.errors import InvalidTransition
 from storage.intake import CorrectionInput
 from storage.leases import HOST_CHARS, process_is_gone
 from storage.models import Correction, CorrectionStatus, Import, ImportStatus
-from storage.queue import lock_facts, new_rows, pending_for_facts, submit_many
+from storage.queue import lock_out_submitters, new_rows, pending_for_facts, submit_many
 from storage.types import utcnow
 
 IMPORT_CHUNK = 2000
@@ -149,6 +149,7 @@ def stage_chunk(
 
 def complete_import(session: Session, import_id: int, actor: str) -> int:
     """Queue a running import's staged corrections at once; returns how many it superseded."""
+    lock_out_submitters(session)
     found = session.get(Import, import_id, with_for_update=True)
     if found is None or found.status != ImportStatus.RUNNING:
         state = "unknown" if found is None else found.status.value
@@ -159,7 +160,6 @@ def complete_import(session: Session, import_id: int, actor: str) -> int:
         .order_by(Correction.id)
     ).all()
     facts = {(prompt, subject) for _id, prompt, subject in staged}
-    lock_facts(session, facts)
     older = {fact: [row.id for row in rows] for fact, rows in pending_for_facts(session, facts, found.model).items()}
     session.execute(
         update(Correction)

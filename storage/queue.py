@@ -9,7 +9,7 @@ Claiming uses ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, so concurrent
 disjoint rows; on SQLite the same statement runs without the locking clause inside a
 ``BEGIN IMMEDIATE`` transaction, which serialises claimers. Lock order is always: submit key
 lock, then correction rows, then the audit chain lock, so transactions never wait on each other
-in a cycle.
+in a cycle; an import's completion takes a table lock instead of the key locks (storage.imports).
 """
 
 from __future__ import annotations
@@ -95,8 +95,25 @@ def pending_for_facts(
     return pending
 
 
+def lock_for_submitting(session: Session) -> None:
+    """PostgreSQL: the table lock every submitter holds (it conflicts only with an import's
+    completion, ``lock_out_submitters``), taken before reading what a submission supersedes so
+    that the two always see each other's committed rows."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("LOCK TABLE corrections IN ROW EXCLUSIVE MODE"))
+
+
+def lock_out_submitters(session: Session) -> None:
+    """PostgreSQL: wait for running submitters and hold off new ones until this transaction ends
+    (an import's completion, which supersedes any number of facts at once: one advisory lock per
+    fact would exhaust PostgreSQL's lock table at tens of thousands). Readers are not blocked."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("LOCK TABLE corrections IN SHARE ROW EXCLUSIVE MODE"))
+
+
 def _submit_chunk(session: Session, chunk: list[CorrectionInput], submitter: str, model: str) -> list[int]:
     facts = {(c.prompt, c.subject) for c in chunk}
+    lock_for_submitting(session)
     lock_facts(session, facts)
     pending = pending_for_facts(session, facts, model)
     rows = new_rows(chunk, submitter, model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import pytest
 from sqlalchemy import select, text
@@ -198,3 +199,36 @@ def test_tampering_with_an_import_is_found(sessions, tamper, found):
     with sessions() as session:
         mismatch = verify_rows(session).mismatch
         assert mismatch is not None and found in f"{mismatch.table} {mismatch.row_id}: {mismatch.reason}"
+
+
+def test_a_submit_during_a_completion_waits_and_sees_its_rows(sessions, monkeypatch):
+    """A single submit of a fact that a completing import is about to queue runs either wholly
+    before the completion or wholly after it (then superseding the import's row): never both
+    pending. The completion pauses after reading what it supersedes; the submit must wait."""
+    monkeypatch.setattr(imports, "IMPORT_CHUNK", 1)
+    read, submitted = threading.Event(), threading.Event()
+    real = imports.pending_for_facts
+
+    def pausing(session, facts, model):
+        found = real(session, facts, model)
+        read.set()
+        submitted.wait(timeout=1.0)  # a submit that does not wait for us finishes meanwhile
+        return found
+
+    monkeypatch.setattr(imports, "pending_for_facts", pausing)
+    late: list[int] = []
+
+    def submitting() -> None:
+        read.wait(timeout=30)
+        with sessions.begin() as session:
+            late.append(submit(session, fact("Danielle Darrieux", "German"), "alice"))
+        submitted.set()
+
+    worker = threading.Thread(target=submitting)
+    worker.start()
+    ids = import_corrections(sessions, [fact("Danielle Darrieux"), fact("Toko Yasuda")], "bob", model="default")
+    worker.join()
+    with sessions() as session:
+        assert rows(session)[ids[0]] == ("English", "superseded", late[0])
+        assert rows(session)[late[0]] == ("German", "pending", None)
+        assert verified(session)
