@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,8 +26,9 @@ from engine.files import model_key
 from storage.audit import verify_chain
 from storage.context import StoreContext
 from storage.home import DataHome
+from storage.imports import stage_chunk, start_import
 from storage.intake import make_correction
-from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus, Metric, Phase
+from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus, Import, Metric, Phase
 from storage.queue import submit
 from storage.reverts import RevertRefused, request_revert
 
@@ -262,3 +265,20 @@ def test_generation_metrics_can_be_turned_off(store, tiny, log, one_thread):
     assert [b.applied for b in report.batches] == [[1]] and "generate" not in report.batches[0].seconds
     with store.sessions()() as session:
         assert session.scalars(select(Metric).where(Metric.name.like("gen_%"))).all() == []
+
+
+def test_the_daemon_start_abandons_an_import_whose_process_died(store, tiny, log, one_thread):
+    """An import killed before completing leaves staged corrections; the daemon's recovery marks
+    them abandoned (never applied) and says so."""
+    with store.sessions().begin() as session:
+        import_id = start_import(session, 2, "bob", model="default", source="big.jsonl").id
+    with store.sessions().begin() as session:
+        stage_chunk(session, import_id, [make_correction(*FACTS[0][:3])], "bob", "default")
+        finished = subprocess.Popen([sys.executable, "-c", "pass"])
+        finished.wait()
+        session.get(Import, import_id).pid = finished.pid
+    submit_facts(store, FACTS[1:2])
+    report = apply_pending(make_daemon(store, tiny, log))
+    assert [b.applied for b in report.batches] == [[2]]
+    assert statuses(store) == {1: "abandoned", 2: "applied"}
+    assert f"event=imports_abandoned imports={import_id}" in log.getvalue()
