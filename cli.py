@@ -604,6 +604,12 @@ def status_lines(found: Status) -> list[str]:
             )
     shown = {name: count for name, count in found.queue.items() if count or name not in IMPORT_ONLY_STATUSES}
     lines.append("queue       " + ", ".join(f"{name} {count}" for name, count in shown.items()))
+    for running in found.imports:
+        lines.append(
+            f"import      {running['id']} by {running['submitter']} for {running['model']}: {running['staged']} of "
+            f"{running['records']} staged, started {_when(running['started'], now)}, last chunk "
+            f"{_when(running['heartbeat'], now)}"
+        )
     last = found.last_applied
     lines.append(
         f"last edit   correction {last['id']} ({last['subject']} -> {last['target']}), {_when(last['at'], now)}"

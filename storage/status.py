@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from storage.audit import AuditKind, verify_chain
 from storage.checkpoints import head_checkpoint
 from storage.edits import edits_of_model
-from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus, DaemonLease, Edit
+from storage.models import AuditEvent, Checkpoint, Correction, CorrectionStatus, DaemonLease, Edit, Import, ImportStatus
 from storage.serialize import iso
 from storage.types import utcnow
 
@@ -49,6 +49,8 @@ class Status:
     audit_events: int = 0
     audit_quick_check: str = "empty"
     """``ok`` (the newest events re-hash and link), ``empty``, or what is wrong."""
+    imports: list[dict[str, Any]] = field(default_factory=list)
+    """Chunked imports still running: id, model, submitter, records, staged so far, started, heartbeat."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +60,10 @@ class Status:
             "last_applied": self.last_applied,
             "last_health": self.last_health,
             "audit": {"events": self.audit_events, "quick_check": self.audit_quick_check},
+            "imports": [
+                {**found, "started": iso(found["started"]), "heartbeat": iso(found["heartbeat"])}
+                for found in self.imports
+            ],
         }
 
 
@@ -75,6 +81,7 @@ def gather_status(session: Session, model: str | None = None) -> Status:
         names_query = names_query.where(Checkpoint.model == model)
         leases_query = leases_query.where(DaemonLease.model == model)
     counts = dict(session.execute(counts_query).all())
+    status.imports = _running_imports(session, model)
     status.queue = {s.value: int(counts.get(s, 0)) for s in CorrectionStatus}
     pending = dict(session.execute(pending_query.group_by(Correction.model)).all())
     for name in session.scalars(names_query):
@@ -161,3 +168,26 @@ def _quick_audit(session: Session) -> tuple[int, str]:
         return count, f"the newest id is {newest} but there are {count} events (events are missing)"
     broken = verify_chain(session, start=max(1, newest - QUICK_CHECK_EVENTS + 1))
     return count, "ok" if broken is None else f"broken at event {broken.event_id}: {broken.reason}"
+
+
+def _running_imports(session: Session, model: str | None) -> list[dict[str, Any]]:
+    staged = (
+        select(func.count())
+        .where(Correction.import_id == Import.id, Correction.status == CorrectionStatus.STAGED)
+        .scalar_subquery()
+    )
+    query = select(Import, staged).where(Import.status == ImportStatus.RUNNING).order_by(Import.id)
+    if model is not None:
+        query = query.where(Import.model == model)
+    return [
+        {
+            "id": found.id,
+            "model": found.model,
+            "submitter": found.submitter,
+            "records": found.records,
+            "staged": int(count),
+            "started": found.started_at,
+            "heartbeat": found.heartbeat_at,
+        }
+        for found, count in session.execute(query).all()
+    ]

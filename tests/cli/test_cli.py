@@ -33,6 +33,8 @@ from storage.audit import CHAIN_LOCK_KEY, append_event
 from storage.busy import announce_import, running_import
 from storage.checkpoints import audit_checkpoint
 from storage.db import read_only
+from storage.imports import stage_chunk, start_import
+from storage.intake import make_correction
 from storage.models import Checkpoint, Correction, DaemonLease, Edit, Metric, Phase
 from storage.queue import claim_batch, mark_applied
 
@@ -212,6 +214,22 @@ def test_status_on_a_fresh_database_says_nothing_happened_yet(metake):
         "health      no check yet",
         "audit       0 events, newest verify: empty",
     ]
+
+
+def test_status_shows_a_running_import_and_its_staged_corrections(metake, sessions):
+    with sessions.begin() as session:
+        import_id = start_import(session, 5000, "bob", model="default", source="big.jsonl").id
+    with sessions.begin() as session:
+        stage_chunk(session, import_id, [make_correction(PROMPT, "Danielle Darrieux", "English")], "bob", "default")
+    lines = metake("status").stdout.splitlines()
+    assert "staged 1" in lines[1] and "abandoned" not in lines[1]
+    assert re.fullmatch(
+        rf"import      {import_id} by bob for default: 1 of 5000 staged, started \d+ s ago \(.+\), "
+        r"last chunk \d+ s ago \(.+\)",
+        lines[2],
+    ), lines[2]
+    found = json.loads(metake("status", "--json").stdout)["imports"]
+    assert [(i["id"], i["records"], i["staged"], i["submitter"]) for i in found] == [(import_id, 5000, 1, "bob")]
 
 
 def test_status_shows_model_daemon_queue_checkpoint_health_and_audit(metake, sessions, engine):
