@@ -57,10 +57,12 @@ def claim_until_done(url: str, worker: str, expected_total: int) -> list[int]:
                 batch = [c.id for c in claim_batch(session, CLAIM_BATCH, worker)]
                 submitted = session.scalar(select(func.count()).select_from(Correction))
             claimed.extend(batch)
-            if not batch:
-                if submitted >= expected_total:
-                    break
-                time.sleep(0.005)
+            if not batch and submitted >= expected_total:
+                break
+            # A daemon edits for seconds between claims; a claimer that re-takes SQLite's lock the
+            # instant it lets go starves the other one (SQLite's busy handler retries every 100 ms
+            # and queues nobody), which made "both took part" fail on a loaded machine.
+            time.sleep(0.005 if not batch else 0.02)
     finally:
         engine.dispose()
     return claimed
