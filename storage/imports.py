@@ -35,7 +35,7 @@ from storage.errors import InvalidTransition
 from storage.intake import CorrectionInput
 from storage.leases import HOST_CHARS, process_is_gone
 from storage.models import Correction, CorrectionStatus, Import, ImportStatus
-from storage.queue import lock_out_submitters, new_rows, pending_for_facts, submit_many
+from storage.queue import lock_out_submitters, new_rows, pending_for_facts, submit_many, supersede_pending
 from storage.types import utcnow
 
 IMPORT_CHUNK = 2000
@@ -76,8 +76,8 @@ def import_corrections(
         abandon_dead_imports(session, submitter)
         started = start_import(session, len(corrections), submitter, model=model, source=source)
         import_id, started_at = started.id, started.started_at
+        pause = SQLITE_CHUNK_PAUSE_S if session.get_bind().dialect.name == "sqlite" else 0.0
     ids: list[int] = []
-    pause = SQLITE_CHUNK_PAUSE_S if session.get_bind().dialect.name == "sqlite" else 0.0
     try:
         for start in range(0, len(corrections), IMPORT_CHUNK):
             chunk = corrections[start : start + IMPORT_CHUNK]
@@ -170,10 +170,9 @@ def complete_import(session: Session, import_id: int, actor: str) -> int:
     events = [NewEvent(AuditKind.IMPORT_COMPLETED, actor, payload={"import_id": import_id, "records": len(staged)})]
     superseded: list[dict[str, object]] = []
     for new_id, prompt, subject in staged:
-        for old_id in older.get((prompt, subject), []):
+        for old_id in supersede_pending(older, (prompt, subject), new_id):
             superseded.append({"id": old_id, "status": CorrectionStatus.SUPERSEDED, "superseded_by": new_id})
             events.append(NewEvent(AuditKind.SUPERSEDED, actor, old_id, payload={"superseded_by": new_id}))
-        older[(prompt, subject)] = [new_id]
     if superseded:
         session.execute(update(Correction), superseded)
     found.status, found.finished_at = ImportStatus.COMPLETE, utcnow()

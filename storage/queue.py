@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
@@ -29,6 +30,7 @@ from storage.types import utcnow
 
 # Class of the PostgreSQL advisory locks that serialise submissions for one subject and prompt.
 SUBMIT_LOCK_CLASS = 0x6D6B
+Item = TypeVar("Item")
 CLAIM_ORDER = (Correction.priority.desc(), Correction.submitted_at, Correction.id)
 
 
@@ -37,7 +39,7 @@ def _fact_key(prompt: str, subject: str) -> int:
     return int.from_bytes(digest[:4], "big", signed=True)
 
 
-def lock_facts(session: Session, facts: Iterable[tuple[str, str]]) -> None:
+def _lock_facts(session: Session, facts: Iterable[tuple[str, str]]) -> None:
     """Serialise submissions of the same facts, so two of them cannot both stay pending.
 
     Locks are taken in key order in one statement, so two imports never wait on each other in a
@@ -95,6 +97,16 @@ def pending_for_facts(
     return pending
 
 
+def supersede_pending(pending: dict[tuple[str, str], list[Item]], fact: tuple[str, str], new: Item) -> list[Item]:
+    """What ``new`` supersedes: the pending ones of its fact, oldest first; it becomes the pending one.
+
+    Applied in submission order, this gives the chain a one-at-a-time submit would (each
+    correction superseded by the next one for its fact)."""
+    older = pending.get(fact, [])
+    pending[fact] = [new]
+    return older
+
+
 def lock_for_submitting(session: Session) -> None:
     """PostgreSQL: the table lock every submitter holds (it conflicts only with an import's
     completion, ``lock_out_submitters``), taken before reading what a submission supersedes so
@@ -114,7 +126,7 @@ def lock_out_submitters(session: Session) -> None:
 def _submit_chunk(session: Session, chunk: list[CorrectionInput], submitter: str, model: str) -> list[int]:
     facts = {(c.prompt, c.subject) for c in chunk}
     lock_for_submitting(session)
-    lock_facts(session, facts)
+    _lock_facts(session, facts)
     pending = pending_for_facts(session, facts, model)
     rows = new_rows(chunk, submitter, model)
     session.add_all(rows)
@@ -122,12 +134,10 @@ def _submit_chunk(session: Session, chunk: list[CorrectionInput], submitter: str
     events: list[NewEvent] = []
     for row in rows:
         events.append(NewEvent(AuditKind.SUBMITTED, submitter, row.id, payload=submitted_payload(row)))
-        fact = (row.prompt, row.subject)
-        for old in pending.get(fact, []):
+        for old in supersede_pending(pending, (row.prompt, row.subject), row):
             old.status = CorrectionStatus.SUPERSEDED
             old.superseded_by = row.id
             events.append(NewEvent(AuditKind.SUPERSEDED, submitter, old.id, payload={"superseded_by": row.id}))
-        pending[fact] = [row]
     session.flush()
     append_events(session, events)
     return [row.id for row in rows]

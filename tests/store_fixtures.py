@@ -22,7 +22,38 @@ from sqlalchemy.orm import Session, sessionmaker
 from cli import main
 from storage.db import make_engine, session_factory, upgrade
 from storage.home import DB_URL_ENV, HOME_ENV
+from storage.intake import CorrectionInput, make_correction
 from storage.models import AuditEvent, Checkpoint, Correction, Edit, Metric
+
+MOTHER_TONGUE = "The mother tongue of {} is"
+
+
+def fact(subject: str, target: str = "English", priority: int = 0, prompt: str = MOTHER_TONGUE) -> CorrectionInput:
+    return make_correction(prompt, subject, target, priority=priority)
+
+
+EARLIER_FACT = fact("Danielle Darrieux", "German")
+SUPERSEDING_BATCH = [
+    fact("Danielle Darrieux", "English"),
+    fact("Toko Yasuda", "piano", prompt="{} plays the"),
+    fact("Danielle Darrieux", "Spanish"),
+    fact("Toko Yasuda", "drums", prompt="{} plays the"),
+    fact("Danielle Darrieux", "Italian"),
+]
+"""Submitted after ``EARLIER_FACT``: each supersedes the one before it for its fact."""
+
+
+def superseding_rows(earlier: int, ids: list[int]) -> dict[int, tuple[str, str, int | None]]:
+    """(target, status, superseded_by) of every row after ``SUPERSEDING_BATCH``, however it was submitted."""
+    return {
+        earlier: ("German", "superseded", ids[0]),
+        ids[0]: ("English", "superseded", ids[2]),
+        ids[1]: ("piano", "superseded", ids[3]),
+        ids[2]: ("Spanish", "superseded", ids[4]),
+        ids[3]: ("drums", "pending", None),
+        ids[4]: ("Italian", "pending", None),
+    }
+
 
 BACKENDS = [pytest.param("sqlite"), pytest.param("postgresql", marks=pytest.mark.postgres)]
 

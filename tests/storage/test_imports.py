@@ -8,6 +8,7 @@ import threading
 
 import pytest
 from sqlalchemy import select, text
+from store_fixtures import EARLIER_FACT, SUPERSEDING_BATCH, fact, superseding_rows
 
 from storage import imports
 from storage.audit import verify_chain
@@ -20,16 +21,9 @@ from storage.imports import (
     stage_chunk,
     start_import,
 )
-from storage.intake import make_correction
 from storage.models import AuditEvent, Correction, Import, ImportStatus
 from storage.queries import queued_corrections
 from storage.queue import claim_batch, submit
-
-MOTHER_TONGUE = "The mother tongue of {} is"
-
-
-def fact(subject: str, target: str = "English", prompt: str = MOTHER_TONGUE):
-    return make_correction(prompt, subject, target)
 
 
 def rows(session) -> dict[int, tuple[str, str, int | None]]:
@@ -55,26 +49,14 @@ def test_a_chunked_import_ends_as_one_submit_at_a_time_would(sessions, monkeypat
     storage.queue's one-transaction bulk submit (tests/storage/test_queue.py)."""
     monkeypatch.setattr(imports, "IMPORT_CHUNK", 2)
     with sessions.begin() as session:
-        earlier = submit(session, fact("Danielle Darrieux", "German"), "alice")
-    batch = [
-        fact("Danielle Darrieux", "English"),
-        fact("Toko Yasuda", "piano", prompt="{} plays the"),
-        fact("Danielle Darrieux", "Spanish"),
-        fact("Toko Yasuda", "drums", prompt="{} plays the"),
-        fact("Danielle Darrieux", "Italian"),
-    ]
+        earlier = submit(session, EARLIER_FACT, "alice")
     progress: list[int] = []
-    ids = import_corrections(sessions, batch, "bob", model="default", source="five.jsonl", progress=progress.append)
+    ids = import_corrections(
+        sessions, SUPERSEDING_BATCH, "bob", model="default", source="five.jsonl", progress=progress.append
+    )
     assert progress == [2, 2, 1]
     with sessions() as session:
-        assert rows(session) == {
-            earlier: ("German", "superseded", ids[0]),
-            ids[0]: ("English", "superseded", ids[2]),
-            ids[1]: ("piano", "superseded", ids[3]),
-            ids[2]: ("Spanish", "superseded", ids[4]),
-            ids[3]: ("drums", "pending", None),
-            ids[4]: ("Italian", "pending", None),
-        }
+        assert rows(session) == superseding_rows(earlier, ids)
         assert kinds(session)[1:] == [
             ("import_started", None),
             *[("submitted", i) for i in ids],

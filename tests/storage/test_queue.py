@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import select
+from store_fixtures import EARLIER_FACT, MOTHER_TONGUE, SUPERSEDING_BATCH, fact, superseding_rows
 
 from storage import queue
 from storage.audit import verify_chain
@@ -22,12 +23,6 @@ from storage.queue import (
     submit,
     submit_many,
 )
-
-MOTHER_TONGUE = "The mother tongue of {} is"
-
-
-def fact(subject: str, target: str = "English", priority: int = 0, prompt: str = MOTHER_TONGUE):
-    return make_correction(prompt, subject, target, priority=priority)
 
 
 def events(session) -> list[tuple[str, int | None, str]]:
@@ -220,26 +215,12 @@ def test_a_bulk_submit_supersedes_within_and_across_its_chunks(sessions, monkeyp
     """Chunks share queries and audit appends; the result must be that of one submit at a time."""
     monkeypatch.setattr(queue, "SUBMIT_CHUNK", 2)
     with sessions.begin() as session:
-        earlier = submit(session, fact("Danielle Darrieux", "German"), "alice")
-    batch = [
-        fact("Danielle Darrieux", "English"),
-        fact("Toko Yasuda", "piano", prompt="{} plays the"),
-        fact("Danielle Darrieux", "Spanish"),
-        fact("Toko Yasuda", "drums", prompt="{} plays the"),
-        fact("Danielle Darrieux", "Italian"),
-    ]
+        earlier = submit(session, EARLIER_FACT, "alice")
     with sessions.begin() as session:
-        ids = submit_many(session, batch, "bob")
+        ids = submit_many(session, SUPERSEDING_BATCH, "bob")
     with sessions() as session:
         rows = {c.id: (c.target, c.status.value, c.superseded_by) for c in session.scalars(select(Correction))}
-        assert rows == {
-            earlier: ("German", "superseded", ids[0]),
-            ids[0]: ("English", "superseded", ids[2]),
-            ids[1]: ("piano", "superseded", ids[3]),
-            ids[2]: ("Spanish", "superseded", ids[4]),
-            ids[3]: ("drums", "pending", None),
-            ids[4]: ("Italian", "pending", None),
-        }
+        assert rows == superseding_rows(earlier, ids)
         assert [e[:2] for e in events(session)][1:] == [
             ("submitted", ids[0]),
             ("superseded", earlier),
