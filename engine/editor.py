@@ -33,7 +33,14 @@ from engine.planning import (
 from engine.projector import Projector, projector_for
 from engine.requests import EditRequest, RequestRejected, check_request, make_batch
 from engine.scoring import FactScores, fact_scores
-from engine.solver import SolveFailed, layer_constraint, update_operator, weight_change
+from engine.solver import (
+    SolveFailed,
+    layer_constraint,
+    project_constraint,
+    projected_keys,
+    update_operator,
+    weight_change,
+)
 from engine.state import EditorState
 from engine.stats import KeyStatistics, key_statistics
 
@@ -122,6 +129,7 @@ class Editor:
             {layer: p.sha256 for layer, p in self.projectors.items()},
             generate_prefixes(self.loaded, up.n_prefixes, up.prefix_tokens, self.hparams.seed),
             self.state_settings(),
+            projected=self.hparams.method != "memit",
         )
 
     def check_state(self, state: EditorState) -> None:
@@ -197,8 +205,11 @@ class Editor:
         pb = plan_batch(lm, encoded, [])
         h = subject_outputs(lm, pb, last)
         u = len(encoded)
+        projected = self._projected_constraints(state)
         constraints = {
-            layer: layer_constraint(hp, self._c0[layer], self._projector[layer], state.constraints[layer])
+            layer: layer_constraint(
+                hp, self._c0[layer], self._projector[layer], state.constraints[layer], projected.get(layer)
+            )
             for layer in hp.layers
         }
         keys_last, _ = self._keys_and_outputs(encoded, last, last)
@@ -241,6 +252,7 @@ class Editor:
 
         targets = h + delta
         added: dict[int, torch.Tensor] = {}
+        added_projected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, layer in enumerate(hp.layers):
             keys, current = self._keys_and_outputs(encoded, layer, last)
             residual = (targets - current).T / (len(hp.layers) - i)
@@ -251,6 +263,9 @@ class Editor:
             if not torch.isfinite(weight).all():
                 raise EditFailed(f"layer {layer} has non-finite weights after the update")
             added[layer] = keys.double() @ keys.double().T
+            if layer in projected:
+                seen = projected_keys(keys, constraints[layer])
+                added_projected[layer] = (projected[layer], seen @ seen.T)
             outcome.weight_change[layer] = float(change.norm())
             outcome.relative_weight_change[layer] = float(change.norm() / (weight.double().norm() + 1e-12))
         lap("solve")
@@ -274,9 +289,21 @@ class Editor:
                     post=post[r],
                 )
             )
-        outcome.state = state.after_batch(added, u)
+        outcome.state = state.after_batch(added, u, added_projected)
         seconds["total"] = sum(seconds.values())
         outcome.seconds = seconds
+
+    def _projected_constraints(self, state: EditorState) -> dict[int, torch.Tensor]:
+        """``P C_prev P`` per layer for the projector methods (MEMIT has none): the state's, or
+        computed from ``C_prev`` for a state saved before it carried them."""
+        if self.hparams.method == "memit":
+            return {}
+        return {
+            layer: state.projected[layer]
+            if layer in state.projected
+            else project_constraint(self._projector[layer], state.constraints[layer])
+            for layer in self.hparams.layers
+        }
 
     def _outer_loop(
         self, pb: PlanBatch, delta: torch.Tensor, h: torch.Tensor, operator: torch.Tensor, layer: int

@@ -17,9 +17,10 @@ from safetensors.torch import save_file
 
 from engine.files import atomic_path, read_safetensors
 
-FORMAT_VERSION = "2"
-_READABLE_FORMATS = ("1", FORMAT_VERSION)
-"""Format 1 had no ``settings``: such states are checked on everything but those."""
+FORMAT_VERSION = "3"
+_READABLE_FORMATS = ("1", "2", FORMAT_VERSION)
+"""Format 1 had no ``settings``: such states are checked on everything but those. Formats 1 and 2
+had no ``projected``: the editor computes it from ``C_prev`` on their first edit."""
 TENSOR_PREFIX = "state/"
 METADATA_PREFIX = "state."
 
@@ -48,6 +49,10 @@ class EditorState:
     """The method and solver settings the constraints were accumulated under (see
     ``Editor.state_settings``); continuing a life under other ones would silently change what
     every later edit means, so a restore refuses them."""
+    projected: dict[int, torch.Tensor] = field(default_factory=dict)
+    """``P C_prev P`` per layer (float32) for the methods with a null-space projector, accumulated
+    beside ``C_prev`` so that a solve never recomputes it (``engine.solver``); empty for MEMIT and
+    for states saved before format 3 (the editor then computes it from ``C_prev``)."""
 
     @classmethod
     def fresh(
@@ -60,7 +65,9 @@ class EditorState:
         projector_sha256: dict[int, str] | None = None,
         prefixes: tuple[str, ...] = (),
         settings: dict[str, str] | None = None,
+        projected: bool = False,
     ) -> EditorState:
+        """No edits yet; ``projected``: also carry ``P C_prev P`` (zero) for a projector method."""
         zeros = {layer: torch.zeros(d_k, d_k, dtype=torch.float32, device=device) for layer in layers}
         return cls(
             model_identity,
@@ -72,13 +79,23 @@ class EditorState:
             dict(projector_sha256 or {}),
             prefixes,
             dict(settings or {}),
+            {layer: torch.zeros_like(zero) for layer, zero in zeros.items()} if projected else {},
         )
 
-    def after_batch(self, added: dict[int, torch.Tensor], n_requests: int) -> EditorState:
-        """A new state with ``K K^T`` of a batch added per layer; this one is left untouched."""
+    def after_batch(
+        self,
+        added: dict[int, torch.Tensor],
+        n_requests: int,
+        projected: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> EditorState:
+        """A new state with ``K K^T`` of a batch added per layer; this one is left untouched.
+
+        ``projected`` maps a layer to ``(P C_prev P, (P K)(P K)^T)`` for the projector methods
+        (the first from this state, or computed from ``C_prev`` when it has none)."""
         constraints = {
             layer: self.constraints[layer] + added[layer].to(self.constraints[layer]) for layer in self.layers
         }
+        new_projected = {layer: before + more.to(before) for layer, (before, more) in (projected or {}).items()}
         return EditorState(
             self.model_identity,
             self.layers,
@@ -89,6 +106,7 @@ class EditorState:
             self.projector_sha256,
             self.prefixes,
             self.settings,
+            new_projected,
         )
 
     def metadata(self) -> dict[str, str]:
@@ -105,7 +123,9 @@ class EditorState:
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f"constraint.{layer}": self.constraints[layer].detach().cpu().contiguous() for layer in self.layers}
+        constraints = {f"constraint.{layer}": self.constraints[layer] for layer in self.layers}
+        projected = {f"projected.{layer}": self.projected[layer] for layer in self.layers if layer in self.projected}
+        return {name: t.detach().cpu().contiguous() for name, t in (constraints | projected).items()}
 
     def to_safetensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The state's one on-disk form: safetensors tensors and metadata under names of its own
@@ -144,6 +164,7 @@ class EditorState:
             {int(k): v for k, v in json.loads(meta["projector_sha256"]).items()},
             tuple(json.loads(meta["prefixes"])),
             json.loads(meta.get("settings", "{}")),
+            {layer: tensors[f"projected.{layer}"] for layer in layers if f"projected.{layer}" in tensors},
         )
 
     @classmethod
@@ -178,6 +199,9 @@ class EditorState:
 
     def equals(self, other: EditorState) -> bool:
         """Bitwise equality of tensors and metadata."""
-        return self.metadata() == other.metadata() and all(
-            torch.equal(self.constraints[layer].cpu(), other.constraints[layer].cpu()) for layer in self.layers
+        mine, theirs = self.tensors(), other.tensors()
+        return (
+            self.metadata() == other.metadata()
+            and mine.keys() == theirs.keys()
+            and all(torch.equal(mine[name], theirs[name]) for name in mine)
         )

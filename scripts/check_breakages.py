@@ -61,9 +61,23 @@ BREAKAGES = (
     Breakage(
         "solve-ignores-c-prev",
         "engine/solver.py",
-        "return Constraint(projector, accumulated, hparams.solver.alpha)",
-        "return Constraint(projector, torch.zeros_like(accumulated), hparams.solver.alpha)",
+        "return Constraint.factorise(projector, projected.double() + hparams.solver.alpha * eye)",
+        "return Constraint.factorise(projector, hparams.solver.alpha * eye)",
         "AlphaEdit's solve forgets the accumulated constraint (earlier edits unprotected)",
+    ),
+    Breakage(
+        "projected-not-accumulated",
+        "engine/state.py",
+        "new_projected = {layer: before + more.to(before) for layer, (before, more) in (projected or {}).items()}",
+        "new_projected = {layer: before for layer, (before, more) in (projected or {}).items()}",
+        "the state's P C_prev P stops following C_prev (the solve forgets later edits)",
+    ),
+    Breakage(
+        "push-through-without-identity",
+        "engine/solver.py",
+        "inner = k.T @ z + torch.eye(k.shape[1], dtype=torch.float64, device=k.device)",
+        "inner = k.T @ z + 0.5 * torch.eye(k.shape[1], dtype=torch.float64, device=k.device)",
+        "the symmetric solve's push-through identity is wrong (another operator than the methods')",
     ),
     Breakage(
         "realised-norm-is-planned",

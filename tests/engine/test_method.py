@@ -256,7 +256,11 @@ def test_accumulated_constraint_protects_earlier_edits(tiny, tiny_dirs):
         change = as_out_in(editor.edited_weights()[name].double().cpu() - base[name].double().cpu(), tiny.spec)
         return float((change @ earlier).norm() / (change.norm() * earlier.norm()))
 
-    forgetful = dataclasses.replace(state, constraints={k: torch.zeros_like(v) for k, v in state.constraints.items()})
+    forgetful = dataclasses.replace(
+        state,
+        constraints={k: torch.zeros_like(v) for k, v in state.constraints.items()},
+        projected={k: torch.zeros_like(v) for k, v in state.projected.items()},
+    )
     protected, unprotected = leak(state), leak(forgetful)
     print(f"leak into the earlier key: {protected:.4f} with C_prev, {unprotected:.4f} without")
     assert protected < 0.5 * unprotected, (protected, unprotected)

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiny_models import DEVICE, REQUESTS, tiny_hparams
 
 from engine.editor import EditFailed, Editor
 from engine.models import load_model
 from engine.requests import EditRequest
-from engine.solver import Constraint, SolveFailed, update_operator
+from engine.solver import (
+    Constraint,
+    SolveFailed,
+    direct_operator,
+    layer_constraint,
+    project_constraint,
+    update_operator,
+)
 
 
 def _weights(editor: Editor) -> dict[str, torch.Tensor]:
@@ -95,7 +105,40 @@ def test_memit_gain_is_below_alphaedit_gain(tiny_dirs):
 def test_singular_system_raises_solve_failed():
     zeros = torch.zeros(4, 4, dtype=torch.float64)
     with pytest.raises(SolveFailed, match="singular"):
-        update_operator(torch.zeros(4, 1), Constraint(None, zeros, 0.0))
+        Constraint.factorise(None, zeros)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    d=st.integers(4, 24),
+    u=st.integers(1, 6),
+    earlier=st.integers(0, 40),
+    null=st.floats(0.1, 0.9),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_symmetric_solve_equals_the_methods_closed_form(d, u, earlier, null, seed):
+    """AlphaEdit/MetaKE (projector, C_prev accumulated as P C_prev P) and MEMIT (lambda C0 +
+    C_prev, no projector) give the direct formula's operator, for any keys and history."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
+    kept = basis[:, : max(1, int(null * d))]
+    projector = kept @ kept.T
+    history = torch.randn(d, earlier, generator=gen, dtype=torch.float64) * 3
+    c_prev = history @ history.T
+    keys = torch.randn(d, u, generator=gen, dtype=torch.float64) * 3
+    alphaedit = tiny_hparams(Path("unused"), "alphaedit")
+    got = update_operator(keys, layer_constraint(alphaedit, c_prev, projector, c_prev))
+    want = direct_operator(keys, projector, c_prev, alphaedit.solver.alpha)
+    assert torch.allclose(got, want, rtol=1e-8, atol=1e-10 * float(want.abs().max()) + 1e-14)
+    # the state's accumulated P C_prev P gives the same operator as projecting C_prev here
+    accumulated = layer_constraint(alphaedit, c_prev, projector, c_prev, project_constraint(projector, c_prev))
+    assert torch.allclose(update_operator(keys, accumulated), got, rtol=1e-10, atol=1e-14)
+    c0 = torch.randn(d, 2 * d, generator=gen, dtype=torch.float64)
+    c0 = c0 @ c0.T / (2 * d)
+    memit = tiny_hparams(Path("unused"), "memit")
+    got = update_operator(keys, layer_constraint(memit, c0, projector, c_prev))
+    want = direct_operator(keys, None, memit.solver.mom2_weight * c0 + c_prev, 0.0)
+    assert torch.allclose(got, want, rtol=1e-8, atol=1e-10 * float(want.abs().max()) + 1e-14)
 
 
 def test_nan_in_the_solve_rolls_back_weights_and_state(tiny, tiny_dirs):

@@ -285,3 +285,46 @@ def test_float32_accumulated_constraint_drifts_little_over_ten_thousand_edits():
     print(f"relative drift of float32 C_prev after {state.edits} edits: {drift:.2e}")
     assert state.edits == 10_000
     assert drift < 1e-5
+
+
+def test_the_state_carries_p_c_prev_p_and_an_older_state_without_it_continues_alike(tiny, tiny_dirs, tmp_path):
+    """Catches: ``P C_prev P`` not accumulated, or out of step with ``C_prev``; a format-2 state
+    (no ``projected``) must edit on exactly as the state it was saved from, up to rounding."""
+    editor = Editor(tiny, tiny_hparams(tiny_dirs["corpus"], "alphaedit"))
+    state = editor.new_state()
+    for request in REQUESTS[:2]:
+        state = editor.apply([request], state).state
+    path = tmp_path / "state.safetensors"
+    state.save(path)
+    loaded = EditorState.load(path)
+    assert loaded.equals(state) and set(loaded.projected) == set(state.layers)
+    for layer in state.layers:
+        projector = editor.projectors[layer].matrix.to(state.constraints[layer].device)
+        want = projector @ state.constraints[layer].double() @ projector
+        assert want.norm() > 0
+        torch.testing.assert_close(state.projected[layer].double(), want, rtol=1e-5, atol=1e-5 * float(want.norm()))
+    older = EditorState.from_parts(
+        state.metadata() | {"format": "2"}, {f"constraint.{layer}": state.constraints[layer] for layer in state.layers}
+    )
+    assert older.projected == {}
+    after = {}
+    for name, start in (("current", state), ("older", older)):
+        edited = editor.edited_weights()
+        outcome = editor.apply(REQUESTS[2:], start)
+        after[name] = (editor.edited_weights(), outcome.state)
+        editor.load_weights(edited)
+    (w_new, s_new), (w_old, s_old) = after["current"], after["older"]
+    for name in w_new:
+        change = (w_new[name] - edited[name]).double().norm()
+        gap = float((w_old[name] - w_new[name]).double().norm() / change)
+        print(f"{name}: ||dW_older - dW|| / ||dW|| = {gap:.1e}")
+        assert change > 0 and gap < 1e-3
+    assert set(s_old.projected) == set(state.layers)  # the older state's next state carries it
+    for layer in state.layers:
+        torch.testing.assert_close(s_old.projected[layer], s_new.projected[layer], rtol=1e-4, atol=1e-3)
+
+
+def test_memit_states_carry_no_projected_constraint(tiny, tiny_dirs):
+    editor = Editor(tiny, tiny_hparams(tiny_dirs["corpus"], "memit"))
+    state = editor.apply(REQUESTS[:1], editor.new_state()).state
+    assert state.projected == {} and not any(name.startswith("projected.") for name in state.tensors())
