@@ -1,7 +1,8 @@
 """How long the first run's statistics take, and whether a faster way of sampling changes them.
 
 Samples the default model's ``C0`` (text the model writes itself) at each sampling batch size in
-turn (``16@1``: batch 16 with seed 1, the noise between two samples), in one process, and prints
+turn (``16@1``: batch 16 with seed 1, the noise between two samples; ``64s``: batch 64 with each
+sequence of a round started from its own word), in one process, and prints
 tokens per second and, per edited layer, the null-space projector's kept directions and the
 relative difference to the first run's statistics. The files go to the home's statistics cache,
 so a later ``metake bench`` with that batch size reuses them.
@@ -47,7 +48,12 @@ def main(argv: list[str]) -> int:
     for item in args.batch_sizes.split(","):
         batch, _, seed = item.partition("@")
         size = item
-        params = dataclasses.replace(hparams.stats, batch_size=int(batch), seed=int(seed or hparams.stats.seed))
+        params = dataclasses.replace(
+            hparams.stats,
+            batch_size=int(batch.removesuffix("s")),
+            seed=int(seed or hparams.stats.seed),
+            starts_per_sequence=batch.endswith("s"),
+        )
         began = time.perf_counter()
         stats = key_statistics(loaded, hparams.layers, params, home.stats_dir)
         seconds = time.perf_counter() - began

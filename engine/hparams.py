@@ -87,6 +87,10 @@ class StatsParams:
     seq_len: int = 128
     batch_size: int = 16
     seed: int = 0
+    starts_per_sequence: bool = False
+    """Sampling only: start the sequences of one round from different short words (cycling through
+    all of them) instead of every sequence of a round from the same word, so that a few large
+    rounds see as many beginnings as many small ones."""
 
 
 @dataclass(frozen=True)

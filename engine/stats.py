@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from engine.architecture import get_module
 from engine.files import atomic_path, model_key
@@ -80,6 +81,8 @@ def cache_path(cache_dir: Path, loaded: LoadedModel, layer: int, label: str, par
     what = f"{label}|{params.n_tokens}|{params.seq_len}|{params.seed}"
     if label == MODEL_SOURCE:
         what += f"|batch{params.batch_size}"
+        if params.starts_per_sequence:
+            what += "|starts-per-sequence"
     tag = hashlib.sha256(what.encode()).hexdigest()[:12]
     return cache_dir / model / f"c0-{loaded.spec.mlp_out_of(layer)}-{tag}.safetensors"
 
@@ -201,15 +204,22 @@ def _key_width(loaded: LoadedModel, name: str) -> int:
 def _sample_from_model(loaded: LoadedModel, params: StatsParams, counter: _SecondMoment) -> None:
     """Sample text from the model and collect keys from the very forward passes that produce it.
 
-    Each round starts every sequence of the batch from the same short word (no padding, so no
-    pad token ever becomes a key) and samples at temperature 1 with a per-round seed.
+    Each round starts every sequence of the batch from the same short word, or with
+    ``starts_per_sequence`` each sequence from the next word in turn, and samples at temperature 1
+    with a per-round seed. A round's words encode to the same number of tokens, so there is no
+    padding and no pad token ever becomes a key.
     """
     tok = loaded.tokenizer
+    words = _start_words(tok) if params.starts_per_sequence else list(_SAMPLE_STARTS)
     bar = tqdm(total=params.n_tokens, desc="C0 from model samples", unit="tok", leave=False)
     round_ = 0
     while counter.count < params.n_tokens:
-        start = _SAMPLE_STARTS[round_ % len(_SAMPLE_STARTS)]
-        enc = tok([start] * params.batch_size, return_tensors="pt").to(loaded.device)
+        if params.starts_per_sequence:
+            first = round_ * params.batch_size
+            starts = [words[(first + i) % len(words)] for i in range(params.batch_size)]
+        else:
+            starts = [words[round_ % len(words)]] * params.batch_size
+        enc = tok(starts, return_tensors="pt").to(loaded.device)
         before = counter.count
         with seeded(loaded.device, params.seed * 100_003 + round_):
             loaded.model.generate(
@@ -225,6 +235,13 @@ def _sample_from_model(loaded: LoadedModel, params: StatsParams, counter: _Secon
         bar.update(counter.count - before)
         round_ += 1
     bar.close()
+
+
+def _start_words(tok: PreTrainedTokenizerBase) -> list[str]:
+    """The start words that encode to as many tokens as the first one (all of them, for the
+    tokenizers tried), so a batch of different starts needs no padding."""
+    lengths = [len(tok(word).input_ids) for word in _SAMPLE_STARTS]
+    return [word for word, n in zip(_SAMPLE_STARTS, lengths, strict=True) if n == lengths[0]]
 
 
 def _read_text(

@@ -19,7 +19,7 @@ from engine.models import load_model
 from engine.projector import projector_for
 from engine.requests import encode_with_subject
 from engine.state import EditorState, StateMismatch
-from engine.stats import StatisticsDamaged, cache_path, key_statistics
+from engine.stats import StatisticsDamaged, _start_words, cache_path, key_statistics
 
 
 def test_state_saves_and_loads_bitwise(tiny, tiny_dirs, tmp_path):
@@ -112,6 +112,35 @@ def test_sampled_statistics_are_cached_by_batch_size_and_read_text_is_not(tiny_d
     path = lambda label, params: cache_path(tmp_path, loaded, 1, label, params)  # noqa: E731
     assert path("model", sampled) != path("model", dataclasses.replace(sampled, batch_size=64))
     assert path("text-sha256:x", read) == path("text-sha256:x", dataclasses.replace(read, batch_size=64))
+    per_sequence = dataclasses.replace(sampled, starts_per_sequence=True)
+    assert path("model", sampled) != path("model", per_sequence)
+    assert path("text-sha256:x", read) == path("text-sha256:x", dataclasses.replace(read, starts_per_sequence=True))
+
+
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_sampling_rounds_start_from_one_word_or_one_per_sequence(tiny_dirs, monkeypatch, per_sequence):
+    """Per round, every sequence starts from the round's word; with ``starts_per_sequence`` the
+    sequences take the words in turn, across rounds, without padding."""
+    loaded = load_model(tiny_dirs["gpt2"], device=DEVICE)
+    prompts: list[list[str]] = []
+    generate = loaded.model.generate
+
+    def spy(**inputs):
+        assert bool(inputs["attention_mask"].all())
+        prompts.append(loaded.tokenizer.batch_decode(inputs["input_ids"]))
+        return generate(**inputs)
+
+    monkeypatch.setattr(loaded.model, "generate", spy)
+    params = StatsParams(source="model", n_tokens=43, seq_len=10, batch_size=2, starts_per_sequence=per_sequence)
+    stats = key_statistics(loaded, (1,), params, None)[1]
+    assert len(prompts) == 3 and stats.count >= 43
+    if per_sequence:
+        words = _start_words(loaded.tokenizer)  # those of the tiny vocabulary's common length
+        assert len(words) == 3 and "The" in words
+        assert prompts == [[words[0], words[1]], [words[2], words[0]], [words[1], words[2]]]
+        assert stats.count == 3 * 2 * 10  # the prompt token and 9 fed-back ones per sequence
+    else:
+        assert prompts == [["The"] * 2, ["In"] * 2, ["A"] * 2]
 
 
 def test_damaged_caches_are_refused_or_recomputed(tiny_dirs, tmp_path):
