@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +150,8 @@ class _SecondMoment:
         self.total = torch.zeros(d_k, d_k, dtype=torch.float64, device=device)
         self.count = 0
         self.mask: torch.Tensor | None = None
+        self.on_count: Callable[[int], object] | None = None
+        """Told each pass's token count (a progress bar that moves every decode step)."""
 
     def __call__(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         keys = args[0].reshape(-1, self.total.shape[0])
@@ -157,6 +160,8 @@ class _SecondMoment:
         keys = keys.double()
         self.total += keys.T @ keys
         self.count += keys.shape[0]
+        if self.on_count is not None:
+            self.on_count(keys.shape[0])
 
 
 def _compute(
@@ -180,6 +185,7 @@ def _compute(
         "requested_tokens": params.n_tokens,
         "seq_len": params.seq_len,
         "batch_size": params.batch_size,
+        "starts_per_sequence": params.starts_per_sequence,
         "seed": params.seed,
         "dtype": str(loaded.dtype),
         "seconds": round(time.time() - started, 2),
@@ -205,22 +211,25 @@ def _sample_from_model(loaded: LoadedModel, params: StatsParams, counter: _Secon
     """Sample text from the model and collect keys from the very forward passes that produce it.
 
     Each round starts every sequence of the batch from the same short word, or with
-    ``starts_per_sequence`` each sequence from the next word in turn, and samples at temperature 1
+    ``starts_per_sequence`` each sequence from the next word in turn (and the last round only as
+    many sequences as the tokens still missing need), and samples at temperature 1
     with a per-round seed. A round's words encode to the same number of tokens, so there is no
     padding and no pad token ever becomes a key.
     """
     tok = loaded.tokenizer
     words = _start_words(tok) if params.starts_per_sequence else list(_SAMPLE_STARTS)
     bar = tqdm(total=params.n_tokens, desc="C0 from model samples", unit="tok", leave=False)
+    counter.on_count = bar.update
     round_ = 0
     while counter.count < params.n_tokens:
         if params.starts_per_sequence:
             first = round_ * params.batch_size
-            starts = [words[(first + i) % len(words)] for i in range(params.batch_size)]
+            # the last round samples only the sequences still needed (a round costs its batch)
+            size = min(params.batch_size, -(-(params.n_tokens - counter.count) // params.seq_len))
+            starts = [words[(first + i) % len(words)] for i in range(size)]
         else:
             starts = [words[round_ % len(words)]] * params.batch_size
         enc = tok(starts, return_tensors="pt").to(loaded.device)
-        before = counter.count
         with seeded(loaded.device, params.seed * 100_003 + round_):
             loaded.model.generate(
                 **enc,
@@ -232,8 +241,8 @@ def _sample_from_model(loaded: LoadedModel, params: StatsParams, counter: _Secon
                 min_new_tokens=params.seq_len,
                 pad_token_id=tok.pad_token_id,
             )
-        bar.update(counter.count - before)
         round_ += 1
+    counter.on_count = None
     bar.close()
 
 

@@ -137,10 +137,35 @@ def test_sampling_rounds_start_from_one_word_or_one_per_sequence(tiny_dirs, monk
     if per_sequence:
         words = _start_words(loaded.tokenizer)  # those of the tiny vocabulary's common length
         assert len(words) == 3 and "The" in words
-        assert prompts == [[words[0], words[1]], [words[2], words[0]], [words[1], words[2]]]
-        assert stats.count == 3 * 2 * 10  # the prompt token and 9 fed-back ones per sequence
+        # 20 tokens a round (the prompt token and 9 fed-back ones per sequence); 3 are missing
+        # after two rounds, so the last round samples one sequence
+        assert prompts == [[words[0], words[1]], [words[2], words[0]], [words[1]]]
+        assert stats.count == 2 * 2 * 10 + 10
     else:
         assert prompts == [["The"] * 2, ["In"] * 2, ["A"] * 2]
+
+
+def test_sampling_progress_moves_every_decode_step(tiny_dirs, monkeypatch):
+    """The first run waits minutes on sampling: the bar (and its time estimate) must move with each
+    forward pass, not once a round."""
+    updates: list[int] = []
+
+    class Bar:
+        def __init__(self, **kwargs):
+            pass
+
+        def update(self, n):
+            updates.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("engine.stats.tqdm", Bar)
+    loaded = load_model(tiny_dirs["gpt2"], device=DEVICE)
+    params = StatsParams(source="model", n_tokens=40, seq_len=10, batch_size=2, starts_per_sequence=True)
+    stats = key_statistics(loaded, (1,), params, None)[1]
+    assert sum(updates) == stats.count == 40
+    assert len(updates) == 2 * 10  # two rounds of one prompt pass and 9 decode steps
 
 
 def test_damaged_caches_are_refused_or_recomputed(tiny_dirs, tmp_path):
