@@ -159,8 +159,9 @@ class EditHyperParams:
 
     @classmethod
     def from_file(cls, path: str | Path) -> EditHyperParams:
-        with open(path, "rb") as handle:
-            return cls.from_dict(tomllib.load(handle))
+        """Load a file; one that sets ``extends = "base.toml"`` (relative to itself) is that base
+        with its own keys laid over it, section by section."""
+        return cls.from_dict(_read_layered(Path(path), ()))
 
     @classmethod
     def resolve(
@@ -185,6 +186,31 @@ class EditHyperParams:
         family = FAMILY_OF_MODEL_TYPE.get(model_type, "llama")
         text = resources.files("engine").joinpath("defaults", f"{family}.toml").read_text()
         return cls.from_dict(tomllib.loads(text))
+
+
+EXTENDS_KEY = "extends"
+
+
+def _read_layered(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """A hyperparameter file's values with its ``extends`` chain resolved (a variant names its
+    base and only what it changes, so a study's files cannot drift from the file they vary)."""
+    resolved = path.resolve()
+    if resolved in chain:
+        raise ValueError(f"{EXTENDS_KEY} forms a cycle: {' -> '.join(str(p) for p in (*chain, resolved))}")
+    with open(path, "rb") as handle:
+        data = tomllib.load(handle)
+    base_name = data.pop(EXTENDS_KEY, None)
+    if base_name is None:
+        return data
+    if not isinstance(base_name, str):
+        raise ValueError(f"{EXTENDS_KEY} must be a file name, got {base_name!r}")
+    merged = _read_layered(path.parent / base_name, (*chain, resolved))
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def _build(kind: type, values: dict[str, Any], section: str) -> Any:

@@ -208,6 +208,27 @@ def test_hyperparameters_load_from_file_and_reject_unknown_keys(tmp_path):
         EditHyperParams(layers=(1,), plan_dtype="float8")
 
 
+def test_a_variant_file_extends_its_base_key_by_key(tmp_path):
+    (tmp_path / "base.toml").write_text(
+        'layers = [2, 3]\nmethod = "metake"\n[outer]\ngamma = 200.0\nsteps = 7\n[solver]\nalpha = 5.0\n'
+    )
+    variants = tmp_path / "variants"
+    variants.mkdir()
+    (variants / "v.toml").write_text('extends = "../base.toml"\nseed = 3\n[outer]\ngamma = 800.0\n')
+    (variants / "w.toml").write_text('extends = "v.toml"\nlayers = [4]\n')
+    base = EditHyperParams.from_file(tmp_path / "base.toml")
+    v = EditHyperParams.from_file(variants / "v.toml")
+    assert v == base.with_changes(seed=3, outer={"gamma": 800.0})
+    assert v.outer.steps == 7 and v.solver.alpha == 5.0
+    assert EditHyperParams.from_file(variants / "w.toml") == v.with_changes(layers=[4])
+    (variants / "v.toml").write_text('extends = "w.toml"\n')
+    with pytest.raises(ValueError, match="extends forms a cycle"):
+        EditHyperParams.from_file(variants / "w.toml")
+    (variants / "v.toml").write_text('extends = "missing.toml"\n')
+    with pytest.raises(FileNotFoundError, match="missing.toml"):
+        EditHyperParams.from_file(variants / "v.toml")
+
+
 def test_family_defaults():
     assert EditHyperParams.defaults_for("llama").layers == (4, 5, 6, 7, 8)
     assert EditHyperParams.defaults_for("qwen2").layers == (4, 5, 6, 7, 8)
