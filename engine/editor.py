@@ -99,6 +99,11 @@ class Editor:
         device = loaded.device
         self._c0 = {layer: s.mean.to(device) for layer, s in self.stats.items()}
         self._projector = {layer: p.matrix.to(device) for layer, p in self.projectors.items()}
+        self._projected_c0 = (
+            {layer: project_constraint(self._projector[layer], self._c0[layer]).double() for layer in hparams.layers}
+            if hparams.solver.null_space_c0_weight and hparams.method != "memit"
+            else {}
+        )
         self._plan_dtype = None if hparams.plan_dtype == "float32" else getattr(torch, hparams.plan_dtype)
 
     @property
@@ -115,6 +120,8 @@ class Editor:
             "mom2_weight": repr(solver.mom2_weight),
             "nullspace_threshold": repr(solver.nullspace_threshold),
             "nullspace_relative": str(solver.nullspace_relative).lower(),
+            # Only when set, so that states saved before the setting existed still continue.
+            **({"null_space_c0_weight": repr(solver.null_space_c0_weight)} if solver.null_space_c0_weight else {}),
         }
 
     def new_state(self) -> EditorState:
@@ -208,7 +215,12 @@ class Editor:
         projected = self._projected_constraints(state)
         constraints = {
             layer: layer_constraint(
-                hp, self._c0[layer], self._projector[layer], state.constraints[layer], projected.get(layer)
+                hp,
+                self._c0[layer],
+                self._projector[layer],
+                state.constraints[layer],
+                projected.get(layer),
+                self._projected_c0.get(layer),
             )
             for layer in hp.layers
         }

@@ -49,6 +49,10 @@ class SolverParams:
     """Eigenvalues of ``C0`` below this span the null space the projector keeps."""
     nullspace_relative: bool = False
     """Read the threshold as a share of the largest eigenvalue instead of a raw value."""
+    null_space_c0_weight: float = 0.0
+    """Projector methods: weight of ``P C0 P`` in the constraint, a price on the preserved keys'
+    energy that the projector lets through (its eigenvalues below the threshold). 0 is AlphaEdit's
+    hard projection alone."""
 
 
 @dataclass(frozen=True)

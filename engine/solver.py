@@ -4,10 +4,11 @@ All three methods change a layer by ``dW = R B`` with the operator
 
     B = K^T P ((K K^T + M) P + r I)^-1                      (u x d_k)
 
-    AlphaEdit / MetaKE:  P = null-space projector of C0,  M = C_prev,              r = alpha
+    AlphaEdit / MetaKE:  P = null-space projector of C0,  M = C_prev + w C0,       r = alpha
     MEMIT:               P = I,                            M = lambda C0 + C_prev,  r = 0
 
-so that a comparison between them changes nothing but these three inputs. ``G = B K`` is the
+so that a comparison between them changes nothing but these three inputs. ``w`` (``[solver]
+null_space_c0_weight``, 0 in AlphaEdit) prices what remains of ``C0`` inside the projector's range. ``G = B K`` is the
 share of the planned residual that the constraints let through (the realised gain).
 
 It is solved in an equivalent symmetric form. The solution of ``(P (K K^T + M) + r I) y = P K``
@@ -60,15 +61,21 @@ def layer_constraint(
     projector: torch.Tensor,
     accumulated: torch.Tensor,
     projected: torch.Tensor | None = None,
+    projected_c0: torch.Tensor | None = None,
 ) -> Constraint:
     """The constraint of one layer from ``C0``, its projector, ``C_prev`` and ``P C_prev P``
-    (computed from ``C_prev`` when the state does not carry it)."""
+    (computed from ``C_prev`` when the state does not carry it), and ``P C0 P`` when
+    ``null_space_c0_weight`` is set (computed when not given)."""
     if hparams.method == "memit":
         return Constraint.factorise(None, hparams.solver.mom2_weight * c0_mean.double() + accumulated.double())
     if projected is None:
         projected = project_constraint(projector, accumulated)
     eye = torch.eye(projector.shape[0], dtype=torch.float64, device=projector.device)
-    return Constraint.factorise(projector, projected.double() + hparams.solver.alpha * eye)
+    system = projected.double() + hparams.solver.alpha * eye
+    weight = hparams.solver.null_space_c0_weight
+    if weight:
+        system = system + weight * (project_constraint(projector, c0_mean) if projected_c0 is None else projected_c0)
+    return Constraint.factorise(projector, system)
 
 
 def project_constraint(projector: torch.Tensor, accumulated: torch.Tensor) -> torch.Tensor:

@@ -139,6 +139,11 @@ def test_symmetric_solve_equals_the_methods_closed_form(d, u, earlier, null, see
     got = update_operator(keys, layer_constraint(memit, c0, projector, c_prev))
     want = direct_operator(keys, None, memit.solver.mom2_weight * c0 + c_prev, 0.0)
     assert torch.allclose(got, want, rtol=1e-8, atol=1e-10 * float(want.abs().max()) + 1e-14)
+    # a price on C0 inside the projector's range is M = C_prev + w C0 in the same closed form
+    priced = alphaedit.with_changes(solver={"null_space_c0_weight": 7.0})
+    got = update_operator(keys, layer_constraint(priced, c0, projector, c_prev))
+    want = direct_operator(keys, projector, c_prev + 7.0 * c0, alphaedit.solver.alpha)
+    assert torch.allclose(got, want, rtol=1e-8, atol=1e-10 * float(want.abs().max()) + 1e-14)
 
 
 def test_nan_in_the_solve_rolls_back_weights_and_state(tiny, tiny_dirs):

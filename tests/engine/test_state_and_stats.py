@@ -314,6 +314,7 @@ def test_an_architecture_outside_the_table_loads_through_the_hparams_file(tmp_pa
         ({"solver": {"alpha": 0.5}}, "alpha 0.01 -> 0.5"),
         ({"method": "alphaedit"}, "method metake -> alphaedit"),
         ({"solver": {"mom2_weight": 10.0}}, "mom2_weight 15000.0 -> 10.0"),
+        ({"solver": {"null_space_c0_weight": 5.0}}, "null_space_c0_weight \\(unset\\) -> 5.0"),
         ({"layers": [1, 3]}, "state edits layers \\[1, 2\\], the settings say \\[1, 3\\]"),
     ],
 )
