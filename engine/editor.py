@@ -151,21 +151,11 @@ class Editor:
 
     def edited_weights(self) -> dict[str, torch.Tensor]:
         """The current edited weights by module name (copies, never views of the live model)."""
-        spec = self.loaded.spec
-        return {
-            f"{spec.mlp_out_of(layer)}.weight": edited_weight(self.loaded.model, spec, layer).detach().clone()
-            for layer in self.hparams.layers
-        }
+        return snapshot_weights(self.loaded, self.hparams.layers)
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy saved edited weights into the live model (exactly, in place)."""
-        spec = self.loaded.spec
-        with torch.no_grad():
-            for layer in self.hparams.layers:
-                name = f"{spec.mlp_out_of(layer)}.weight"
-                if name not in weights:
-                    raise KeyError(f"weights for {name} are missing")
-                edited_weight(self.loaded.model, spec, layer).copy_(weights[name])
+        restore_weights(self.loaded, self.hparams.layers, weights)
 
     def apply(self, requests: list[EditRequest], state: EditorState) -> EditOutcome:
         """Edit the model with ``requests`` as one batch; raises :class:`EditFailed` after a full rollback."""
@@ -366,6 +356,26 @@ class Editor:
         bare = torch.arange(0, len(rows), n_ctx, device=lm.device)
         current = outputs[out_name][bare, batch.subject_pos[bare]].float()
         return keys, current
+
+
+def snapshot_weights(loaded: LoadedModel, layers: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The weights edited at ``layers`` by module name (copies; no statistics are needed for this)."""
+    spec = loaded.spec
+    return {
+        f"{spec.mlp_out_of(layer)}.weight": edited_weight(loaded.model, spec, layer).detach().clone()
+        for layer in layers
+    }
+
+
+def restore_weights(loaded: LoadedModel, layers: tuple[int, ...], weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``weights`` (from :func:`snapshot_weights`) into the live model, exactly, in place."""
+    spec = loaded.spec
+    with torch.no_grad():
+        for layer in layers:
+            name = f"{spec.mlp_out_of(layer)}.weight"
+            if name not in weights:
+                raise KeyError(f"weights for {name} are missing")
+            edited_weight(loaded.model, spec, layer).copy_(weights[name])
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.architecture import edited_weight
-from engine.editor import EditFailed, Editor
+from engine.editor import EditFailed, Editor, restore_weights, snapshot_weights
 from engine.hparams import EditHyperParams, Method
 from engine.models import LoadedModel
 from evaluation.counterfact import CounterFactRecord
@@ -169,13 +169,12 @@ def run_benchmark(
             raise ValueError(f"{method} edits layers {list(hp.layers)}, the benchmark {list(hparams.layers)}")
     base_metrics, base_scores = evaluate_model(loaded, records, texts, fluency_n, None)
     results = [MethodResult("unedited", base_metrics)]
-    first = Editor(loaded, hparams, stats_dir)
-    base_weights = first.edited_weights()
+    base_weights = snapshot_weights(loaded, hparams.layers)
     requests = [r.request() for r in records]
     batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
     memory = PeakMemory(loaded.device)
     for method in methods:
-        first.load_weights(base_weights)
+        restore_weights(loaded, hparams.layers, base_weights)
         editor = Editor(loaded, per_method[method], stats_dir)
         result = MethodResult(method)
         state = editor.new_state()
@@ -206,7 +205,7 @@ def run_benchmark(
         results.append(result)
         if progress:
             tqdm.write(f"done: {json.dumps(result.summary())}", file=sys.stderr)
-    first.load_weights(base_weights)
+    restore_weights(loaded, hparams.layers, base_weights)
     by_name = {r.method: r for r in results}
     if "alphaedit" in by_name and "metake" in by_name and by_name["alphaedit"].seconds_per_edit:
         ratio = statistics.median(by_name["metake"].seconds_per_edit) / statistics.median(

@@ -126,6 +126,21 @@ def test_each_method_runs_with_its_own_hparams(tiny_llama, tmp_path):
         method_hparams={"memit": hp.with_changes(solver={"mom2_weight": 1.0})},
     )
     assert plain[0].metrics == tuned[0].metrics  # same unedited model, same records
+    # the shared hparams' statistics are never computed when every method brings its own
+    unreadable = hp.with_changes(stats={"source": str(tmp_path / "no-such-text")})
+    again = run_benchmark(
+        loaded,
+        unreadable,
+        records,
+        ["memit"],
+        1,
+        None,
+        [],
+        0,
+        False,
+        {"memit": hp.with_changes(solver={"mom2_weight": 1.0})},
+    )
+    assert again[1].relative_weight_change == tuned[1].relative_weight_change
     assert set(plain[1].metrics) >= {"efficacy", "generalisation", "locality", "score"}
     assert plain[1].relative_weight_change != tuned[1].relative_weight_change
     with pytest.raises(ValueError, match="memit edits layers \\[1, 3\\], the benchmark \\[1, 2\\]"):
