@@ -27,11 +27,12 @@ from typing import Any
 
 import torch
 
-from engine.architecture import as_out_in, edited_weight
-from engine.editor import Editor
+from engine.architecture import as_out_in
+from engine.editor import Editor, restore_weights
 from engine.hparams import EditHyperParams, StatsParams
 from engine.models import load_model
 from engine.stats import key_statistics
+from evaluation.bench import weight_growth
 from evaluation.counterfact import load_counterfact
 from evaluation.metrics import perplexity
 from storage.home import resolve_home
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         edited = editor.edited_weights()
         ppl_edited = perplexity(loaded.model, loaded.tokenizer, text)
+        growth = weight_growth(loaded, base, hparams.layers)
         layers: dict[int, dict[str, float]] = {}
         for layer in hparams.layers:
             name = f"{spec.mlp_out_of(layer)}.weight"
@@ -110,18 +112,14 @@ def main(argv: list[str] | None = None) -> int:
                 "kept": editor.projectors[layer].kept,
                 "c0_share_passing": passing_share(projector, editor.stats[layer].mean),
                 "text_share_passing": passing_share(projector, text_stats[layer].mean),
-                "rel_dW": float(change.double().norm() / w0.double().norm()),
+                "rel_dW": growth[layer],
                 "c0_output_change": output_change(change, w0, editor.stats[layer].mean),
                 "text_output_change": output_change(change, w0, text_stats[layer].mean),
             }
-            with torch.no_grad():
-                weight = edited_weight(loaded.model, spec, layer)
-                weight.copy_(base[name])
-                row["ppl_this_reverted"] = perplexity(loaded.model, loaded.tokenizer, text)
-                editor.load_weights(base)
-                weight.copy_(edited[name])
-                row["ppl_only_this"] = perplexity(loaded.model, loaded.tokenizer, text)
-            editor.load_weights(edited)
+            restore_weights(loaded, hparams.layers, {**edited, name: base[name]})
+            row["ppl_this_reverted"] = perplexity(loaded.model, loaded.tokenizer, text)
+            restore_weights(loaded, hparams.layers, {**base, name: edited[name]})
+            row["ppl_only_this"] = perplexity(loaded.model, loaded.tokenizer, text)
             layers[layer] = row
         editor.load_weights(base)
         report["methods"][method] = {
