@@ -8,8 +8,9 @@ All three methods change a layer by ``dW = R B`` with the operator
     MEMIT:               P = I,                            M = lambda C0 + C_prev,  r = 0
 
 so that a comparison between them changes nothing but these three inputs. ``w`` (``[solver]
-null_space_c0_weight``, 0 in AlphaEdit) prices what remains of ``C0`` inside the projector's range. ``G = B K`` is the
-share of the planned residual that the constraints let through (the realised gain).
+null_space_c0_weight``, 0 in AlphaEdit) prices what remains of ``C0`` inside the projector's
+range. ``G = B K`` is the share of the planned residual that the constraints let through (the
+realised gain).
 
 It is solved in an equivalent symmetric form. The solution of ``(P (K K^T + M) + r I) y = P K``
 lies in the range of ``P`` (``r y = P (K - ...)``), so it also solves
