@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         growth = weight_growth(loaded, base, hparams.layers)
         layers: dict[int, dict[str, float]] = {}
         for layer in hparams.layers:
-            name = f"{spec.mlp_out_of(layer)}.weight"
+            name = spec.edited_weight_name(layer)
             w0 = as_out_in(base[name], spec)
             change = as_out_in(edited[name], spec) - w0
             projector = editor.projectors[layer].matrix

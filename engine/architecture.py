@@ -33,6 +33,10 @@ class ArchitectureSpec:
     def mlp_out_of(self, index: int) -> str:
         return self.mlp_out.format(index)
 
+    def edited_weight_name(self, index: int) -> str:
+        """The state-dict key of the weight edited at block ``index``: the name checkpoints use."""
+        return f"{self.mlp_out_of(index)}.weight"
+
 
 _LLAMA_FAMILY = ArchitectureSpec(
     layers="model.layers",

@@ -362,8 +362,7 @@ def snapshot_weights(loaded: LoadedModel, layers: tuple[int, ...]) -> dict[str, 
     """The weights edited at ``layers`` by module name (copies; no statistics are needed for this)."""
     spec = loaded.spec
     return {
-        f"{spec.mlp_out_of(layer)}.weight": edited_weight(loaded.model, spec, layer).detach().clone()
-        for layer in layers
+        spec.edited_weight_name(layer): edited_weight(loaded.model, spec, layer).detach().clone() for layer in layers
     }
 
 
@@ -372,7 +371,7 @@ def restore_weights(loaded: LoadedModel, layers: tuple[int, ...], weights: dict[
     spec = loaded.spec
     with torch.no_grad():
         for layer in layers:
-            name = f"{spec.mlp_out_of(layer)}.weight"
+            name = spec.edited_weight_name(layer)
             if name not in weights:
                 raise KeyError(f"weights for {name} are missing")
             edited_weight(loaded.model, spec, layer).copy_(weights[name])

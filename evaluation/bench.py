@@ -140,7 +140,7 @@ def weight_growth(loaded: LoadedModel, base: dict[str, torch.Tensor], layers: It
     """``||W - W0|| / ||W0||`` of each edited layer, against the base weights ``base``."""
     growth = {}
     for layer in layers:
-        w0 = base[f"{loaded.spec.mlp_out_of(layer)}.weight"].double()
+        w0 = base[loaded.spec.edited_weight_name(layer)].double()
         w = edited_weight(loaded.model, loaded.spec, layer).detach().double()
         growth[layer] = float((w - w0).norm() / w0.norm())
     return growth

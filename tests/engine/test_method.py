@@ -148,7 +148,7 @@ def test_outer_price_is_the_realised_weight_change(tiny, tiny_dirs, monkeypatch)
     run = outer_run(tiny, tiny_dirs["corpus"], monkeypatch)
     penalty = run.call[0][4]
     last = run.editor.hparams.last_layer
-    weight = run.base[f"{tiny.spec.mlp_out_of(last)}.weight"].double().cpu()
+    weight = run.base[tiny.spec.edited_weight_name(last)].double().cpu()
     gamma = run.editor.hparams.outer.gamma
     torch.manual_seed(1)
     for _ in range(3):
@@ -248,7 +248,7 @@ def test_accumulated_constraint_protects_earlier_edits(tiny, tiny_dirs):
     earlier = editor.projectors[first].matrix.cpu() @ first_layer_keys(editor, encode(editor, REQUESTS[:1], state))
     state = editor.apply(REQUESTS[:1], state).state
     base = editor.edited_weights()
-    name = f"{tiny.spec.mlp_out_of(first)}.weight"
+    name = tiny.spec.edited_weight_name(first)
 
     def leak(with_state: EditorState) -> float:
         editor.load_weights(base)

@@ -36,7 +36,7 @@ def test_alphaedit_update_leaves_preserved_keys_unchanged(tiny, tiny_dirs):
     after = _weights(editor)
     torch.manual_seed(1)
     for layer in editor.hparams.layers:
-        name = f"{tiny.spec.mlp_out_of(layer)}.weight"
+        name = tiny.spec.edited_weight_name(layer)
         change = (after[name] - before[name]).double().cpu()
         change = change.T if tiny.spec.weight_transposed else change  # (out, in)
         projector = editor.projectors[layer].matrix.cpu()

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_models import DEVICE, REQUESTS, tiny_hparams
 
-from engine.architecture import UnknownArchitectureError, architecture_for
+from engine.architecture import UnknownArchitectureError, architecture_for, edited_weight
 from engine.editor import Editor
 from engine.hooks import capture_outputs, run_until_stopped
 from engine.hparams import EditHyperParams, StatsParams
@@ -239,6 +239,13 @@ def test_unknown_architecture_names_the_setting():
     with pytest.raises(UnknownArchitectureError, match=r"set \[architecture\] layers, mlp_out"):
         architecture_for("mamba")
     assert architecture_for("gpt2").weight_transposed
+
+
+def test_edited_weight_name_is_the_state_dict_key_of_the_edited_weight(tiny):
+    """Checkpoints and the bench's norm growth find the edited weight by this name."""
+    layer = 2
+    state = tiny.model.state_dict(keep_vars=True)
+    assert state[tiny.spec.edited_weight_name(layer)] is edited_weight(tiny.model, tiny.spec, layer)
 
 
 def test_diagnostics_score_prompt_paraphrases_and_neighbours(tiny, tiny_dirs):
