@@ -25,7 +25,7 @@ from engine.planning import (
     PlanBatch,
     encode_request,
     optimise_plan,
-    plan_batch,
+    plan_chunks,
     residual_injector,
     subject_outputs,
     virtual_update_injector,
@@ -199,8 +199,8 @@ class Editor:
         pre = fact_scores(lm.model, lm.tokenizer, requests)
         lap("scoring")
 
-        pb = plan_batch(lm, encoded, [])
-        h = subject_outputs(lm, pb, last)
+        chunks = plan_chunks(lm, encoded, [], hp.plan_chunk_requests)
+        h = subject_outputs(lm, chunks, last)
         u = len(encoded)
         projected = self._projected_constraints(state)
         constraints = {
@@ -223,12 +223,12 @@ class Editor:
         upstream_steps = [0] * u
         if not outer_on or hp.outer.warm_start:
             up = hp.upstream
-            up_pb = pb.with_prefix_cache(lm) if up.cache_prefix else pb
+            up_chunks = [pb.with_prefix_cache(lm) for pb in chunks] if up.cache_prefix else chunks
             upstream = optimise_plan(
                 lm,
-                up_pb,
+                up_chunks,
                 delta,
-                residual_injector(lm, up_pb, last),
+                residual_injector(lm, last),
                 lambda d: up.weight_decay * (d.norm(dim=1) / h.norm(dim=1) ** 2).sum(),
                 up.clamp_norm_factor * h.norm(dim=1),
                 lr=up.lr,
@@ -244,10 +244,10 @@ class Editor:
         outer_steps = [0] * u
         if outer_on:
             generic = list(state.prefixes) if hp.outer.generic_kl else []
-            outer_pb = plan_batch(lm, encoded, generic) if generic else pb
+            outer_chunks = plan_chunks(lm, encoded, generic, hp.plan_chunk_requests) if generic else chunks
             if hp.outer.cache_prefix:
-                outer_pb = outer_pb.with_prefix_cache(lm)
-            delta, outer_steps = self._outer_loop(outer_pb, delta, h, operator_last, last)
+                outer_chunks = [pb.with_prefix_cache(lm) for pb in outer_chunks]
+            delta, outer_steps = self._outer_loop(outer_chunks, delta, h, operator_last, last)
             lap("outer")
         if not torch.isfinite(delta).all():
             raise EditFailed("the planned target has NaN or infinite values")
@@ -308,7 +308,7 @@ class Editor:
         }
 
     def _outer_loop(
-        self, pb: PlanBatch, delta: torch.Tensor, h: torch.Tensor, operator: torch.Tensor, layer: int
+        self, chunks: list[PlanBatch], delta: torch.Tensor, h: torch.Tensor, operator: torch.Tensor, layer: int
     ) -> tuple[torch.Tensor, list[int]]:
         """MetaKE: refine the plan against the virtual update ``W + delta^T B`` of the last layer."""
         outer = self.hparams.outer
@@ -321,7 +321,7 @@ class Editor:
 
         result = optimise_plan(
             self.loaded,
-            pb,
+            chunks,
             delta,
             virtual_update_injector(self.loaded, layer, operator),
             price,

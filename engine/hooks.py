@@ -6,7 +6,7 @@ stray hook behind on a model that the daemon keeps for months.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -123,43 +123,59 @@ def run_until_stopped(model: nn.Module, **inputs: Any) -> None:
 class _Replay(nn.Module):
     """Stands in for a decoder block: returns the output the real block gave for the same input."""
 
-    def __init__(self, recorded: Any) -> None:
+    def __init__(self, recorded: Callable[[], Any]) -> None:
         super().__init__()
         self.recorded = recorded
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if hidden_of(self.recorded).shape != hidden_states.shape:
+        output = self.recorded()
+        if hidden_of(output).shape != hidden_states.shape:
             raise RuntimeError("a replayed block was called on other inputs than it recorded")
-        return self.recorded
+        return output
 
 
 @contextmanager
-def replay_lower_layers(model: nn.Module, layers: str, upto: int, **inputs: Any) -> Iterator[None]:
-    """Inside the block, forwards of exactly ``inputs`` replay blocks ``0..upto`` instead of running them.
+def replay_lower_layers(
+    model: nn.Module, layers: str, upto: int, runs: Sequence[Mapping[str, Any]]
+) -> Iterator[Callable[[int], None]]:
+    """Inside the block, a forward of ``runs[i]`` after ``select(i)`` replays blocks ``0..upto``.
 
     The target optimisation runs the same prompts dozens of times while only what happens after
     block ``upto`` changes; recording the blocks' outputs once skips that share of every forward.
-    Hooks registered by name after entering (e.g. on block ``upto``) attach to the stand-ins.
+    Several runs (the chunks of a large batch) are recorded once each; ``select`` (yielded) says
+    which one the next forward is. Hooks registered by name after entering (e.g. on block
+    ``upto``) attach to the stand-ins.
     """
     container = get_module(model, layers)
     names = [f"{layers}.{i}" for i in range(upto + 1)]
-    recorded: dict[str, Any] = {}
+    recorded: list[dict[str, Any]] = []
 
-    def make(name: str) -> ForwardHook:
+    def make(name: str, seen: dict[str, Any]) -> ForwardHook:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            recorded[name] = output
+            seen[name] = output
             if name == names[-1]:
                 raise StopForward
 
         return hook
 
-    with torch.no_grad(), forward_hooks(model, {name: make(name) for name in names}):
-        run_until_stopped(model, **inputs)
+    for inputs in runs:
+        seen: dict[str, Any] = {}
+        with torch.no_grad(), forward_hooks(model, {name: make(name, seen) for name in names}):
+            run_until_stopped(model, **inputs)
+        recorded.append(seen)
+    current = [0]
+
+    def select(index: int) -> None:
+        current[0] = index
+
+    def output_of(name: str) -> Callable[[], Any]:
+        return lambda: recorded[current[0]][name]
+
     originals = [container[i] for i in range(upto + 1)]
     try:
         for i, name in enumerate(names):
-            container[i] = _Replay(recorded[name])
-        yield
+            container[i] = _Replay(output_of(name))
+        yield select
     finally:
         for i, module in enumerate(originals):
             container[i] = module

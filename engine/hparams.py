@@ -110,6 +110,9 @@ class EditHyperParams:
     plan_dtype: str = "float32"
     """Precision of the planning steps' forward passes (``float32`` or ``bfloat16`` under autocast);
     the weights, the statistics and the solve keep their own precision."""
+    plan_chunk_requests: int = 64
+    """Planning runs at most this many requests' prompts in one forward pass and adds up the
+    gradients of a batch's chunks before each step: memory bounded by a chunk, the same plan."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -118,6 +121,8 @@ class EditHyperParams:
             raise ValueError(f"unknown plan_dtype {self.plan_dtype!r}; choose one of {', '.join(PLAN_DTYPES)}")
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be a non-empty increasing list, got {list(self.layers)}")
+        if self.plan_chunk_requests < 1:
+            raise ValueError(f"plan_chunk_requests must be at least 1, got {self.plan_chunk_requests}")
 
     @property
     def last_layer(self) -> int:

@@ -15,7 +15,7 @@ in how ``delta`` reaches the model and what it costs:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -107,13 +107,30 @@ def plan_batch(loaded: LoadedModel, encoded: list[EncodedRequest], generic: list
     return PlanBatch(batch, len(encoded), edit_rows, kl_rows, torch.tensor(bare, device=loaded.device), reference)
 
 
+def plan_chunks(
+    loaded: LoadedModel, encoded: list[EncodedRequest], generic: list[str], requests_per_chunk: int
+) -> list[PlanBatch]:
+    """The plan's rows as batches of at most ``requests_per_chunk`` whole requests, in request order
+    (the generic rows ride with the first): one planning forward never runs more than one chunk."""
+    if requests_per_chunk < 1:
+        raise ValueError(f"requests_per_chunk must be at least 1, got {requests_per_chunk}")
+    starts = range(0, len(encoded), requests_per_chunk)
+    return [
+        plan_batch(loaded, encoded[start : start + requests_per_chunk], generic if start == 0 else [])
+        for start in starts
+    ]
+
+
 @torch.no_grad()
-def subject_outputs(loaded: LoadedModel, pb: PlanBatch, layer: int) -> torch.Tensor:
+def subject_outputs(loaded: LoadedModel, chunks: Sequence[PlanBatch], layer: int) -> torch.Tensor:
     """``h``: the output of ``layer`` at each request's subject token in its bare prompt (u x d)."""
     name = loaded.spec.layer(layer)
-    with capture_outputs(loaded.model, [name], stop_after=name) as seen:
-        run_until_stopped(loaded.model.base_model, **pb.batch.inputs())
-    return seen[name][pb.bare_rows, pb.batch.subject_pos[pb.bare_rows]].float()
+    outputs = []
+    for pb in chunks:
+        with capture_outputs(loaded.model, [name], stop_after=name) as seen:
+            run_until_stopped(loaded.model.base_model, **pb.batch.inputs())
+        outputs.append(seen[name][pb.bare_rows, pb.batch.subject_pos[pb.bare_rows]].float())
+    return torch.cat(outputs)
 
 
 @dataclass
@@ -126,13 +143,41 @@ class PlanResult:
     succeeded: list[bool]
 
 
-Injector = Callable[[torch.Tensor], AbstractContextManager[None]]
+Injector = Callable[[PlanBatch, torch.Tensor], AbstractContextManager[None]]
+"""``inject(pb, delta)``: the model as the plan ``delta`` changes it, for a forward of ``pb``."""
 Penalty = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class _ChunkRows:
+    """Which requests a chunk's rows score, and how many target tokens each row has."""
+
+    token_count: torch.Tensor
+    scored: torch.Tensor
+    request_rows: torch.Tensor
+    owns: torch.Tensor
+    """u booleans: the requests whose rows are all in this chunk."""
+
+    @classmethod
+    def of(cls, pb: PlanBatch, u: int, device: torch.device) -> _ChunkRows:
+        batch = pb.step
+        n_rows = batch.input_ids.shape[0]
+        token_count = per_row_sum(torch.ones_like(batch.target_rows, dtype=torch.float32), batch.target_rows, n_rows)
+        request_rows = batch.request.clamp(min=0)
+        owns = torch.zeros(u, dtype=torch.bool, device=device)
+        owns[batch.request[batch.request >= 0]] = True
+        return cls(token_count, token_count > 0, request_rows, owns)
+
+    def per_request(self, values: torch.Tensor, u: int) -> torch.Tensor:
+        """Sum a per-row value over each request's scored rows (u values, zero for other chunks')."""
+        return torch.zeros(u, dtype=values.dtype, device=values.device).index_add(
+            0, self.request_rows[self.scored], values[self.scored]
+        )
 
 
 def optimise_plan(
     loaded: LoadedModel,
-    pb: PlanBatch,
+    chunks: Sequence[PlanBatch],
     init: torch.Tensor,
     inject: Injector,
     penalty: Penalty,
@@ -150,73 +195,64 @@ def optimise_plan(
 
     A request counts as done ``steps_after_success`` steps after all its target tokens, on all
     its prompts, are the most likely next tokens; done requests are frozen, and the loop ends
-    when every request is done or after ``max_steps``. Blocks ``0..replay_upto``, which ``delta``
-    cannot influence, are run once and replayed. ``compute_dtype`` (e.g. bfloat16) runs each
-    step's forward under autocast; ``delta``, the losses and the optimiser stay float32.
+    when every request is done or after ``max_steps``. Each step runs the ``chunks`` one after
+    another and adds up their gradients before one optimiser step, so memory is bounded by a
+    chunk and the plan is that of one batch (to rounding). Blocks ``0..replay_upto``, which
+    ``delta`` cannot influence, are run once and replayed. ``compute_dtype`` (e.g. bfloat16) runs
+    each step's forward under autocast; ``delta``, the losses and the optimiser stay float32.
+    The early-stopping bookkeeping stays on the device: one host sync per chunk and step.
     """
-    replay = (
-        replay_lower_layers(loaded.model, loaded.spec.layers, replay_upto, **pb.step_inputs())
+    replay: AbstractContextManager[Callable[[int], None]] = (
+        replay_lower_layers(loaded.model, loaded.spec.layers, replay_upto, [pb.step_inputs() for pb in chunks])
         if replay_upto is not None and replay_upto >= 0
-        else nullcontext()
+        else nullcontext(lambda index: None)
     )
-    with replay:
-        batch = pb.step
-        u = pb.n_requests
+    with replay as select:
+        u, device = init.shape[0], init.device
         delta = init.detach().clone().requires_grad_(True)
         optimiser = torch.optim.Adam([delta], lr=lr)
-        steps = [0] * u
-        since_success = [-1] * u
-        done = torch.zeros(u, dtype=torch.bool, device=delta.device)
-        n_rows = batch.input_ids.shape[0]
-        token_count = per_row_sum(torch.ones_like(batch.target_rows, dtype=torch.float32), batch.target_rows, n_rows)
-        scored = token_count > 0
-        request_rows = batch.request.clamp(min=0)
-        rows_per_request = torch.zeros(u, device=delta.device).index_add(
-            0, request_rows[scored], torch.ones(int(scored.sum()), device=delta.device)
-        )
-        nll_r = torch.zeros(u)
-        succeeded = [False] * u
+        steps = torch.zeros(u, dtype=torch.long, device=device)
+        since_success = torch.full((u,), -1, dtype=torch.long, device=device)
+        done = torch.zeros(u, dtype=torch.bool, device=device)
+        succeeded = torch.zeros(u, dtype=torch.bool, device=device)
+        rows = [_ChunkRows.of(pb, u, device) for pb in chunks]
+        rows_per_request = sum((r.per_request(r.scored.float(), u) for r in rows), torch.zeros(u, device=device))
+        n_kl = sum(len(pb.kl_rows) for pb in chunks)
+        nll_r = torch.zeros(u, device=device)
         for _ in range(max_steps + 1):
-            with inject(delta), autocast(loaded, compute_dtype):
-                at_targets, at_last = batch_logits(loaded.model, batch, pb.step_inputs())
-            row_nll = -per_row_sum(target_logprobs(at_targets, batch), batch.target_rows, n_rows) / token_count.clamp(
-                min=1
-            )
-            nll_r = (
-                torch.zeros(u, device=delta.device).index_add(0, request_rows[scored], row_nll[scored])
-                / rows_per_request
-            )
-            kl = F.kl_div(
-                F.log_softmax(at_last[pb.kl_rows], dim=-1), pb.reference, log_target=True, reduction="batchmean"
-            )
-            top = targets_are_top(at_targets, batch, margin)
-            misses = torch.zeros(u, device=delta.device).index_add(0, request_rows[scored], (~top[scored]).float())
-            for r in range(u):
-                if done[r]:
-                    continue
-                if misses[r] == 0:
-                    succeeded[r] = True
-                    since_success[r] += 1
-                    if since_success[r] >= steps_after_success:
-                        done[r] = True
-                if steps[r] >= max_steps:
-                    done[r] = True
+            optimiser.zero_grad(set_to_none=True)
+            for index, (pb, cr) in enumerate(zip(chunks, rows, strict=True)):
+                select(index)
+                batch = pb.step
+                with inject(pb, delta), autocast(loaded, compute_dtype):
+                    at_targets, at_last = batch_logits(loaded.model, batch, pb.step_inputs())
+                row_nll = -per_row_sum(target_logprobs(at_targets, batch), batch.target_rows, len(cr.token_count))
+                chunk_nll = cr.per_request(row_nll / cr.token_count.clamp(min=1), u) / rows_per_request
+                nll_r = torch.where(cr.owns, chunk_nll.detach(), nll_r)
+                kl = (
+                    F.kl_div(F.log_softmax(at_last[pb.kl_rows], dim=-1), pb.reference, log_target=True, reduction="sum")
+                    / n_kl
+                )
+                misses = cr.per_request((~targets_are_top(at_targets, batch, margin)).float(), u)
+                active = cr.owns & ~done
+                hit = active & (misses == 0)
+                succeeded |= hit
+                since_success += hit.long()
+                done |= (hit & (since_success >= steps_after_success)) | (active & (steps >= max_steps))
+                if not bool(done.all()):
+                    (chunk_nll[~done].sum() + kl_weight * kl).backward()
             if bool(done.all()):
                 break
-            loss = nll_r[~done].sum() + kl_weight * kl + penalty(delta)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            frozen = delta.detach()[done].clone()
+            penalty(delta).backward()
+            frozen = delta.detach().clone()
             optimiser.step()
             with torch.no_grad():
-                delta[done] = frozen
+                delta.copy_(torch.where(done[:, None], frozen, delta))
                 norms = delta.norm(dim=1)
                 scale = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
                 delta.mul_(scale[:, None])
-            for r in range(u):
-                if not done[r]:
-                    steps[r] += 1
-        return PlanResult(delta.detach(), steps, nll_r.detach().cpu().tolist(), succeeded)
+            steps += (~done).long()
+        return PlanResult(delta.detach(), steps.tolist(), nll_r.cpu().tolist(), succeeded.tolist())
 
 
 def autocast(loaded: LoadedModel, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
@@ -226,23 +262,22 @@ def autocast(loaded: LoadedModel, dtype: torch.dtype | None) -> AbstractContextM
     return torch.autocast(device_type=loaded.device.type, dtype=dtype)
 
 
-def residual_injector(loaded: LoadedModel, pb: PlanBatch, layer: int) -> Injector:
+def residual_injector(loaded: LoadedModel, layer: int) -> Injector:
     """Upstream: add ``delta[r]`` to the residual stream after ``layer`` at request r's subject tokens."""
-    rows = pb.edit_rows
-    positions = pb.step.subject_pos[rows]
-    owners = pb.step.request[rows]
 
-    def inject(delta: torch.Tensor) -> AbstractContextManager[None]:
+    def inject(pb: PlanBatch, delta: torch.Tensor) -> AbstractContextManager[None]:
+        rows = pb.edit_rows
+        positions, owners = pb.step.subject_pos[rows], pb.step.request[rows]
         return add_at_positions(loaded.model, loaded.spec.layer(layer), rows, positions, lambda: delta[owners])
 
     return inject
 
 
 def virtual_update_injector(loaded: LoadedModel, layer: int, operator: torch.Tensor) -> Injector:
-    """Outer loop: the model with ``W_layer + delta^T B`` (``operator`` is B, u x d_k)."""
+    """Outer loop: the model with ``W_layer + delta^T B`` (``operator`` is B, u x d_k), on every chunk."""
     b = operator.to(device=loaded.device, dtype=torch.float32)
 
-    def inject(delta: torch.Tensor) -> AbstractContextManager[None]:
+    def inject(pb: PlanBatch, delta: torch.Tensor) -> AbstractContextManager[None]:
         return add_linear_update(loaded.model, loaded.spec.mlp_out_of(layer), lambda x: (x.float() @ b.T) @ delta)
 
     return inject

@@ -34,7 +34,7 @@ BREAKAGES = (
         "outer-loop-plain-injector",
         "engine/editor.py",
         "virtual_update_injector(self.loaded, layer, operator),",
-        "residual_injector(self.loaded, pb, layer),",
+        "residual_injector(self.loaded, layer),",
         "MetaKE's outer loop plans on the residual stream instead of the virtual constrained update",
     ),
     Breakage(

@@ -125,14 +125,14 @@ def test_outer_loop_sees_the_model_with_the_virtual_update_written_in(tiny, tiny
     constrained update ``W + delta^T B`` (``editor._outer_loop``)."""
     run = outer_run(tiny, tiny_dirs["corpus"], monkeypatch)
     args, _, _ = run.call
-    pb, inject = args[1], args[3]
+    (pb,), inject = args[1], args[3]
     editor, last = run.editor, run.editor.hparams.last_layer
     editor.load_weights(run.base)
     torch.manual_seed(0)
     delta = torch.randn(len(run.encoded), tiny.model.config.hidden_size, device=tiny.device)
     with torch.no_grad():
         untouched = batch_logits(tiny.model, pb.batch)
-        with inject(delta):
+        with inject(pb, delta):
             virtual = batch_logits(tiny.model, pb.batch)
     write_in(editor, last, delta.double().cpu().T @ run.operator)
     with torch.no_grad():

@@ -1,11 +1,14 @@
 """Target planning: replaying the lower blocks and caching the tokens before the subject change
-nothing but speed; MetaKE's cached variant edits only from the subject on; early stopping."""
+nothing but speed; MetaKE's cached variant edits only from the subject on; early stopping;
+a batch planned in chunks gets the plan of one batch."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from tiny_models import REQUESTS, tiny_hparams
+from tiny_models import REQUESTS, biting_hparams, tiny_hparams
 
+import engine.planning
 from engine.editor import Editor
 from engine.hooks import add_linear_update, replay_lower_layers
 from engine.planning import (
@@ -25,7 +28,7 @@ def _plan(tiny, tiny_dirs, replay, max_steps=6, cache=False, compute_dtype=None)
     state = editor.new_state()
     encoded = [encode_request(tiny, r, state.prefixes, i) for i, r in enumerate(REQUESTS[:2])]
     pb = plan_batch(tiny, encoded, list(state.prefixes))
-    h = subject_outputs(tiny, pb, 2)
+    h = subject_outputs(tiny, [pb], 2)
     if cache:
         pb = pb.with_prefix_cache(tiny)
     return (
@@ -33,9 +36,9 @@ def _plan(tiny, tiny_dirs, replay, max_steps=6, cache=False, compute_dtype=None)
         h,
         optimise_plan(
             tiny,
-            pb,
+            [pb],
             torch.zeros_like(h),
-            residual_injector(tiny, pb, 2),
+            residual_injector(tiny, 2),
             lambda d: 0.5 * (d.norm(dim=1) / h.norm(dim=1) ** 2).sum(),
             0.75 * h.norm(dim=1),
             lr=0.5,
@@ -51,10 +54,10 @@ def _plan(tiny, tiny_dirs, replay, max_steps=6, cache=False, compute_dtype=None)
 def test_replaying_lower_blocks_gives_the_same_logits(tiny, tiny_dirs):
     pb, h, _ = _plan(tiny, tiny_dirs, replay=False, max_steps=0)
     delta = torch.randn_like(h)
-    with torch.no_grad(), residual_injector(tiny, pb, 2)(delta):
+    with torch.no_grad(), residual_injector(tiny, 2)(pb, delta):
         full = batch_logits(tiny.model, pb.batch)
-    replay = replay_lower_layers(tiny.model, tiny.spec.layers, 2, **pb.batch.inputs())
-    with torch.no_grad(), replay, residual_injector(tiny, pb, 2)(delta):
+    replay = replay_lower_layers(tiny.model, tiny.spec.layers, 2, [pb.batch.inputs()])
+    with torch.no_grad(), replay, residual_injector(tiny, 2)(pb, delta):
         replayed = batch_logits(tiny.model, pb.batch)
     for a, b in zip(full, replayed, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
@@ -81,9 +84,9 @@ def test_prefix_cache_gives_the_same_logits_under_the_residual_injection(tiny, t
     cached = pb.with_prefix_cache(tiny)
     assert cached.step.input_ids.shape[1] < pb.batch.input_ids.shape[1]  # it does skip tokens
     delta = torch.randn_like(h)
-    with torch.no_grad(), residual_injector(tiny, pb, 2)(delta):
+    with torch.no_grad(), residual_injector(tiny, 2)(pb, delta):
         full = batch_logits(tiny.model, pb.batch)
-    with torch.no_grad(), residual_injector(tiny, cached, 2)(delta):
+    with torch.no_grad(), residual_injector(tiny, 2)(cached, delta):
         stepped = batch_logits(tiny.model, cached.step, cached.step_inputs())
     for a, b in zip(full, stepped, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
@@ -110,7 +113,7 @@ def test_cached_virtual_update_edits_only_from_the_subject_on(tiny, tiny_dirs):
         update = lambda x: after * ((x.float() @ operator.T) @ delta)  # noqa: E731
         with add_linear_update(tiny.model, tiny.spec.mlp_out_of(2), update):
             masked = batch_logits(tiny.model, pb.batch)
-        with virtual_update_injector(tiny, 2, operator)(delta):
+        with virtual_update_injector(tiny, 2, operator)(pb, delta):
             everywhere = batch_logits(tiny.model, pb.batch)
             stepped = batch_logits(tiny.model, cached.step, cached.step_inputs())
     for a, b in zip(masked, stepped, strict=True):
@@ -126,3 +129,37 @@ def test_bfloat16_planning_finds_about_the_same_plan(tiny, tiny_dirs):
     cosine = torch.nn.functional.cosine_similarity(full.delta, half.delta, dim=1)
     assert bool((cosine > 0.95).all()), cosine
     assert not torch.equal(full.delta, half.delta)  # it did run in another precision
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit", "metake"])
+def test_a_batch_planned_in_chunks_gets_the_plan_of_one_batch(tiny, tiny_dirs, method, monkeypatch):
+    """``plan_chunk_requests``: a step over chunks of 2 requests adds up to the step over all 3.
+    Catches a KL or NLL normalised per chunk, one chunk's requests stopped by another's state,
+    and a replay of the wrong chunk's lower blocks; and that no planning forward is wider."""
+    rows_per_forward: list[int] = []
+    original = engine.planning.batch_logits
+
+    def counted(model, batch, inputs=None):
+        rows_per_forward.append(batch.input_ids.shape[0])
+        return original(model, batch, inputs)
+
+    monkeypatch.setattr(engine.planning, "batch_logits", counted)
+    # Both editors sample C0 from the unedited model; each batch starts from its weights.
+    editors = [
+        Editor(tiny, biting_hparams(tiny_dirs["corpus"], tiny.model_type, method, plan_chunk_requests=per_chunk))
+        for per_chunk in (len(REQUESTS), 2)
+    ]
+    base = editors[0].edited_weights()
+    runs = []
+    for editor in editors:
+        editor.load_weights(base)
+        rows_per_forward.clear()
+        outcome = editor.apply(REQUESTS, editor.new_state())
+        steps = [(d.upstream_steps, d.outer_steps) for d in outcome.applied]
+        runs.append((editor.edited_weights(), steps, max(rows_per_forward)))
+    (whole, whole_steps, whole_rows), (chunked, chunked_steps, chunked_rows) = runs
+    assert whole_steps == chunked_steps and any(s > 0 for pair in whole_steps for s in pair)
+    assert chunked_rows < whole_rows  # each forward ran two requests' prompts, not three
+    for name in whole:
+        assert (whole[name] - base[name]).abs().max() > 1e-3, "the batch must move the weights"
+        torch.testing.assert_close(chunked[name], whole[name], atol=1e-5, rtol=1e-4)
