@@ -111,9 +111,8 @@ def plan_chunks(
     loaded: LoadedModel, encoded: list[EncodedRequest], generic: list[str], requests_per_chunk: int
 ) -> list[PlanBatch]:
     """The plan's rows as batches of at most ``requests_per_chunk`` whole requests, in request order
-    (the generic rows ride with the first): one planning forward never runs more than one chunk."""
-    if requests_per_chunk < 1:
-        raise ValueError(f"requests_per_chunk must be at least 1, got {requests_per_chunk}")
+    (the generic rows ride with the first): one planning forward never runs more than one chunk.
+    ``requests_per_chunk`` is ``EditHyperParams.plan_chunk_requests``, checked there."""
     starts = range(0, len(encoded), requests_per_chunk)
     return [
         plan_batch(loaded, encoded[start : start + requests_per_chunk], generic if start == 0 else [])
@@ -159,8 +158,9 @@ class _ChunkRows:
     """u booleans: the requests whose rows are all in this chunk."""
 
     @classmethod
-    def of(cls, pb: PlanBatch, u: int, device: torch.device) -> _ChunkRows:
+    def of(cls, pb: PlanBatch, u: int) -> _ChunkRows:
         batch = pb.step
+        device = batch.request.device
         n_rows = batch.input_ids.shape[0]
         token_count = per_row_sum(torch.ones_like(batch.target_rows, dtype=torch.float32), batch.target_rows, n_rows)
         request_rows = batch.request.clamp(min=0)
@@ -215,7 +215,7 @@ def optimise_plan(
         since_success = torch.full((u,), -1, dtype=torch.long, device=device)
         done = torch.zeros(u, dtype=torch.bool, device=device)
         succeeded = torch.zeros(u, dtype=torch.bool, device=device)
-        rows = [_ChunkRows.of(pb, u, device) for pb in chunks]
+        rows = [_ChunkRows.of(pb, u) for pb in chunks]
         rows_per_request = sum((r.per_request(r.scored.float(), u) for r in rows), torch.zeros(u, device=device))
         n_kl = sum(len(pb.kl_rows) for pb in chunks)
         nll_r = torch.zeros(u, device=device)
