@@ -252,13 +252,20 @@ class Editor:
         if not torch.isfinite(delta).all():
             raise EditFailed("the planned target has NaN or infinite values")
 
-        targets = h + delta
+        gain = operator_last @ keys_last.double()
+        realised = delta.double().T @ gain
+        close_exactly = outer_on and hp.outer.spread_virtual_target
+        targets = h + realised.T.to(h.dtype) if close_exactly else h + delta
         added: dict[int, torch.Tensor] = {}
         added_projected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, layer in enumerate(hp.layers):
             keys, current = self._keys_and_outputs(encoded, layer, last)
-            residual = (targets - current).T / (len(hp.layers) - i)
-            change = weight_change(residual, update_operator(keys, constraints[layer]))
+            operator = update_operator(keys, constraints[layer])
+            if close_exactly and layer == last:
+                residual = gap_closing_residual((targets - current).T, operator @ keys.double())
+            else:
+                residual = (targets - current).T / (len(hp.layers) - i)
+            change = weight_change(residual, operator)
             weight = edited_weight(lm.model, lm.spec, layer)
             with torch.no_grad():
                 weight.add_(as_out_in(change, lm.spec).to(weight.dtype))
@@ -275,8 +282,6 @@ class Editor:
         post = fact_scores(lm.model, lm.tokenizer, requests)
         lap("scoring")
 
-        gain = operator_last @ keys_last.double()
-        realised = delta.double().T @ gain
         for r, item in enumerate(encoded):
             outcome.applied.append(
                 RequestDiagnostics(
@@ -356,6 +361,17 @@ class Editor:
         bare = torch.arange(0, len(rows), n_ctx, device=lm.device)
         current = outputs[out_name][bare, batch.subject_pos[bare]].float()
         return keys, current
+
+
+def gap_closing_residual(gap: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """The residual ``R`` (d x u) whose constrained update realises ``gap`` (d x u) at the batch's
+    keys, ``R G = gap`` for the layer's gain ``G = B K`` (u x u, float64): exactly when ``G`` is
+    invertible, in the least-squares sense when it is not (two requests about one subject share a
+    key, so their gaps can only be met on average)."""
+    residual = gap.double() @ torch.linalg.pinv(gain, rtol=1e-6)
+    if not torch.isfinite(residual).all():
+        raise SolveFailed("the last layer's gap-closing residual has NaN or infinite values")
+    return residual
 
 
 def snapshot_weights(loaded: LoadedModel, layers: tuple[int, ...]) -> dict[str, torch.Tensor]:

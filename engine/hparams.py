@@ -79,6 +79,12 @@ class OuterParams:
     cache_prefix: bool = False
     """Apply the virtual update only from each subject on and cache the tokens before it
     (faster; an approximation, since the real update also reaches the earlier tokens)."""
+    spread_virtual_target: bool = False
+    """Spread what the virtual update realises, ``h + G delta``, over the critical layers (the
+    last layer closing the gap exactly) instead of the plan ``h + delta``: the plan was optimised
+    under the last layer's gain ``G`` alone, and the multi-layer spread realises more of it
+    (on the default model 1.15x the virtual realisation on average), so the weights move further
+    than the outer loop found necessary."""
 
 
 @dataclass(frozen=True)

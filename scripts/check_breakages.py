@@ -52,6 +52,27 @@ BREAKAGES = (
         "C_prev holds only the last batch's K K^T instead of the sum over all batches",
     ),
     Breakage(
+        "spread-plan-not-virtual-target",
+        "engine/editor.py",
+        "targets = h + realised.T.to(h.dtype) if close_exactly else h + delta",
+        "targets = h + delta",
+        "spread_virtual_target spreads the plan h + delta instead of its virtual realisation h + G delta",
+    ),
+    Breakage(
+        "last-layer-gap-not-closed",
+        "engine/editor.py",
+        "if close_exactly and layer == last:",
+        "if False:",
+        "spread_virtual_target's last layer takes its share of the gap instead of closing it exactly",
+    ),
+    Breakage(
+        "gap-closed-by-inverse",
+        "engine/editor.py",
+        "residual = gap.double() @ torch.linalg.pinv(gain, rtol=1e-6)",
+        "residual = torch.linalg.solve(gain.T, gap.double().T).T",
+        "the last layer's gap is solved through G's inverse, singular for two requests about one subject",
+    ),
+    Breakage(
         "residual-undivided",
         "engine/editor.py",
         "residual = (targets - current).T / (len(hp.layers) - i)",

@@ -22,6 +22,7 @@ from engine.editor import Editor
 from engine.hooks import capture_inputs, capture_outputs, run_until_stopped
 from engine.models import load_model
 from engine.planning import EncodedRequest, encode_request, plan_batch
+from engine.requests import EditRequest
 from engine.scoring import batch_logits
 from engine.state import EditorState
 
@@ -76,8 +77,13 @@ def mean_output_at_subject(editor: Editor, item: EncodedRequest, layer: int) -> 
 
 def first_layer_keys(editor: Editor, encoded: list[EncodedRequest]) -> torch.Tensor:
     """Keys at the first edited layer (no edit of a batch changes them), from the definition."""
+    return keys_at(editor, encoded, editor.hparams.layers[0])
+
+
+def keys_at(editor: Editor, encoded: list[EncodedRequest], layer: int) -> torch.Tensor:
+    """Keys at ``layer`` on the model as it is (d_k x u, averaged over each request's contexts)."""
     lm = editor.loaded
-    name = lm.spec.mlp_out_of(editor.hparams.layers[0])
+    name = lm.spec.mlp_out_of(layer)
     columns = []
     for item in encoded:
         keys = []
@@ -192,6 +198,60 @@ def test_residual_is_split_over_the_layers_left(tiny, tiny_dirs, monkeypatch):
     torch.testing.assert_close(first_residual, delta.T / n_layers, atol=1e-4, rtol=1e-3)
     # what is left for the last layer is whatever the earlier layers did not realise, undivided
     assert solves[-1][0][0].norm() > first_residual.norm() * 0.5
+
+
+def bare_output(editor: Editor, item: EncodedRequest, layer: int) -> torch.Tensor:
+    """Block ``layer``'s output at the subject's last token of the request's bare prompt (``h``)."""
+    lm = editor.loaded
+    name, bare = lm.spec.layer(layer), item.contexts[0]
+    with torch.no_grad(), capture_outputs(lm.model, [name], stop_after=name) as seen:
+        run_until_stopped(lm.model.base_model, input_ids=torch.tensor([bare.ids], device=lm.device))
+    return seen[name][0, bare.subject_pos].double().cpu()
+
+
+def test_spread_virtual_target_realises_what_the_outer_loop_planned(tiny, tiny_dirs, monkeypatch):
+    """Catches, with ``[outer] spread_virtual_target``: the layers spreading the plan ``h + delta``
+    instead of what the outer loop's virtual update realises, ``h + delta^T B K``, or the last
+    layer not closing the rest of that gap exactly (its residual not solved through its gain)."""
+    hparams = biting_hparams(tiny_dirs["corpus"], tiny.model_type, "metake", outer={"spread_virtual_target": True})
+    editor = Editor(tiny, hparams)
+    state = editor.apply(REQUESTS[:1], editor.new_state()).state
+    batch, last = REQUESTS[1:3], hparams.last_layer
+    encoded = encode(editor, batch, state)
+    keys = keys_at(editor, encoded, last)
+    operator = reference_operator(editor, keys, state.constraints[last], last)
+    h = torch.stack([bare_output(editor, item, last) for item in encoded])
+    base = editor.edited_weights()
+    plans = spy(monkeypatch, engine.editor, "optimise_plan")
+    editor.apply(batch, state)
+    delta = plans[0][2].delta.double().cpu()
+    virtual_target = h + (delta.T @ operator @ keys).T
+    assert float((virtual_target - h - delta).norm()) > 0.1 * float(delta.norm()), "the constraints must bite"
+    # the last layer's own change, and the output it started from (every lower layer already edited)
+    after = editor.edited_weights()
+    name = tiny.spec.edited_weight_name(last)
+    editor.load_weights({**after, name: base[name]})
+    before_last = torch.stack([bare_output(editor, item, last) for item in encoded])
+    keys_then = keys_at(editor, encoded, last)
+    editor.load_weights(after)
+    change = as_out_in(after[name].double().cpu() - base[name].double().cpu(), tiny.spec)
+    gap = (virtual_target - before_last).T
+    assert float(gap.norm()) > 0.05 * float(delta.norm()), "the lower layers must leave a gap to close"
+    torch.testing.assert_close(change @ keys_then, gap, atol=2e-3 * float(gap.norm()), rtol=1e-3)
+
+
+def test_spread_virtual_target_meets_two_requests_about_one_subject_on_average(tiny, tiny_dirs):
+    """Catches: the last layer's gap solved by inverting ``G``, singular when two requests of a
+    batch share a subject (and so a key): the edit must go through and realise the mean gap."""
+    hparams = biting_hparams(tiny_dirs["corpus"], tiny.model_type, "metake", outer={"spread_virtual_target": True})
+    editor = Editor(tiny, hparams)
+    # the subject opens both prompts, so the two requests have the same key at every layer
+    same_subject = [REQUESTS[2], EditRequest("{} was born in", "Toko Yasuda", "Tokyo", key="4")]
+    outcome = editor.apply(same_subject, editor.new_state())
+    assert [d.key for d in outcome.applied] == ["3", "4"]
+    alone = Editor(load_model(tiny.directory, device=DEVICE), hparams).apply(REQUESTS[2:3], editor.new_state())
+    last = hparams.last_layer
+    assert outcome.relative_weight_change[last] < 3 * alone.relative_weight_change[last]
 
 
 def test_accumulated_constraint_is_the_sum_of_every_batchs_key_products(tiny, tiny_dirs, monkeypatch):

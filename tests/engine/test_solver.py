@@ -56,18 +56,24 @@ def test_alphaedit_update_leaves_preserved_keys_unchanged(tiny, tiny_dirs):
 def test_metake_without_outer_loop_gives_alphaedits_weights_and_state(tiny_dirs):
 
     results = []
-    for method, changes in (("alphaedit", {}), ("metake", {"outer": {"steps": 0}})):
+    variants = (
+        ("alphaedit", {}),
+        ("metake", {"outer": {"steps": 0}}),
+        ("metake", {"outer": {"steps": 0, "spread_virtual_target": True}}),
+    )
+    for method, changes in variants:
         loaded = load_model(tiny_dirs["llama"], device=DEVICE)
         editor = Editor(loaded, tiny_hparams(tiny_dirs["corpus"], method, **changes))
         state = editor.new_state()
         for request in REQUESTS:
             state = editor.apply([request], state).state
         results.append((editor.edited_weights(), state))
-    (w_alpha, s_alpha), (w_meta, s_meta) = results
-    assert all(torch.equal(w_alpha[k].cpu(), w_meta[k].cpu()) for k in w_alpha)
-    # the states differ only in the method they record (a state refuses to continue under another)
-    assert {k for k in s_alpha.settings if s_alpha.settings[k] != s_meta.settings[k]} == {"method"}
-    assert s_alpha.equals(dataclasses.replace(s_meta, settings=s_alpha.settings))
+    (w_alpha, s_alpha), *metakes = results
+    for w_meta, s_meta in metakes:
+        assert all(torch.equal(w_alpha[k].cpu(), w_meta[k].cpu()) for k in w_alpha)
+        # the states differ only in the method they record (a state refuses to continue under another)
+        assert {k for k in s_alpha.settings if s_alpha.settings[k] != s_meta.settings[k]} == {"method"}
+        assert s_alpha.equals(dataclasses.replace(s_meta, settings=s_alpha.settings))
 
 
 def test_metake_outer_loop_plans_under_the_virtual_update(tiny_dirs):
