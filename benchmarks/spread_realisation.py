@@ -24,7 +24,8 @@ import torch
 from engine.editor import Editor, snapshot_weights
 from engine.hparams import EditHyperParams
 from engine.models import load_model
-from engine.planning import encode_request
+from engine.planning import encode_request, plan_chunks, subject_outputs
+from evaluation.bench import weight_growth
 from evaluation.counterfact import load_counterfact
 from storage.home import resolve_home
 
@@ -52,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         changes: list[float] = []
         print(f"{path.name}: edit, ||delta||, ||G delta||, actual, actual / virtual, actual / plan, max dW/W")
         for i, request in enumerate(requests):
-            encoded = [encode_request(loaded, request, state.prefixes, 0)]
-            _, before = editor._keys_and_outputs(encoded, last, last)
+            chunks = plan_chunks(loaded, [encode_request(loaded, request, state.prefixes, 0)], [], 1)
+            before = subject_outputs(loaded, chunks, last)
             outcome = editor.apply([request], state)
             state = outcome.state
-            _, after = editor._keys_and_outputs(encoded, last, last)
+            after = subject_outputs(loaded, chunks, last)
             diag = outcome.applied[0]
             actual = float((after - before).norm())
             ratios.append(actual / diag.realised_norm)
@@ -70,14 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{path.name}: actual / virtual mean {statistics.fmean(ratios):.3f} median {statistics.median(ratios):.3f}"
             f" (min {min(ratios):.2f}, max {max(ratios):.2f});"
             f" max dW/W of an edit mean {statistics.fmean(changes):.4f};"
-            f" max dW/W after {len(requests)} edits {growth(original, editor.edited_weights()):.4f}"
+            f" max dW/W after {len(requests)} edits {max(weight_growth(loaded, original, hparams.layers).values()):.4f}"
         )
     return 0
-
-
-def growth(original: dict[str, torch.Tensor], now: dict[str, torch.Tensor]) -> float:
-    """The largest ``||W - W0|| / ||W0||`` over the edited weights."""
-    return max(float((now[name] - w0).norm() / w0.norm()) for name, w0 in original.items())
 
 
 if __name__ == "__main__":

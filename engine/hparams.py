@@ -82,9 +82,9 @@ class OuterParams:
     spread_virtual_target: bool = False
     """Spread what the virtual update realises, ``h + G delta``, over the critical layers (the
     last layer closing the gap exactly) instead of the plan ``h + delta``: the plan was optimised
-    under the last layer's gain ``G`` alone, and the multi-layer spread realises more of it
-    (on the default model 1.13x the virtual realisation on average over 20 edits), so the weights move further
-    than the outer loop found necessary."""
+    under the last layer's gain ``G`` alone, and the multi-layer spread realises more of it (on
+    the default model 1.13x the virtual realisation on average over 20 edits), so the weights
+    move further than the outer loop found necessary."""
 
 
 @dataclass(frozen=True)
