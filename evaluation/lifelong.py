@@ -247,8 +247,8 @@ def _trim(curves: Path, done: dict[str, int]) -> None:
         atomic_write_text(curves, "".join(json.dumps(p) + "\n" for p in kept))
 
 
-def draw_curves(points: list[dict[str, Any]], out: Path) -> list[Path]:
-    """One PNG per quantity, every method on the same axes."""
+def draw_curves(points: list[dict[str, Any]], out: Path, keys: tuple[str, ...] = tuple(PLOTTED)) -> list[Path]:
+    """One PNG per quantity (those of ``keys``), every method on the same axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,7 +257,8 @@ def draw_curves(points: list[dict[str, Any]], out: Path) -> list[Path]:
     written = []
     methods = sorted({p["method"] for p in points} - {UNEDITED})
     reference = next((p for p in points if p["method"] == UNEDITED), {})
-    for key, label in PLOTTED.items():
+    for key in keys:
+        label = PLOTTED[key]
         figure, axis = plt.subplots(figsize=(7, 3.5))
         drawn = False
         if reference.get(key) is not None and key != "max_norm_growth":

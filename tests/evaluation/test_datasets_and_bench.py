@@ -222,7 +222,7 @@ def saved_weights(out, method: str) -> dict:
 
 def test_lifelong_run_writes_curves_and_plots_and_resumes_where_it_stopped(tiny_llama, tmp_path):
 
-    from evaluation.lifelong import run_lifelong
+    from evaluation.lifelong import draw_curves, run_lifelong
 
     loaded = load_model(tiny_llama[0], device="cpu")
     hp = EditHyperParams.from_file(tiny_llama[1])
@@ -235,6 +235,13 @@ def test_lifelong_run_writes_curves_and_plots_and_resumes_where_it_stopped(tiny_
     assert points[-1]["retention_tested"] == 5 and points[1]["max_norm_growth"] > 0
     assert points[0]["specificity"] is not None and points[0]["max_norm_growth"] == 0.0  # the reference
     assert {p.name for p in whole.glob("*.png")} >= {"retention.png", "max_norm_growth.png", "log10_condition.png"}
+    chosen = tmp_path / "chosen"
+    chosen.mkdir()
+    assert [p.name for p in draw_curves(points, chosen, ("retention", "max_norm_growth"))] == [
+        "retention.png",
+        "max_norm_growth.png",
+    ]
+    assert sorted(p.name for p in chosen.iterdir()) == ["max_norm_growth.png", "retention.png"]  # only those asked for
     run_lifelong(loaded, methods, records[:3], 1, 2, parts, None, [], progress=False)  # interrupted after 3
     with (parts / "curves.jsonl").open("a") as handle:  # killed after writing a point, before saving its state
         handle.write(json.dumps({"method": "alphaedit", "edits": 5, "retention": -1.0}) + "\n")

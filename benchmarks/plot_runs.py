@@ -1,0 +1,47 @@
+"""Draw lifelong runs that live in different curve files on the same axes, relabelled by setting
+(runs share method names): ``.venv/bin/python benchmarks/plot_runs.py`` writes
+docs/lifelong/tune200/*.png (the 200-edit validation runs) and docs/lifelong/heldout/*.png (the
+spread against AlphaEdit and the tuned MetaKE on held-out train records), as docs/lifelong.md
+shows them."""
+
+import json
+from pathlib import Path
+
+from evaluation.lifelong import draw_curves
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DOCS = RESULTS.parents[1] / "docs" / "lifelong"
+COMMITTED = ("perplexity", "max_norm_growth", "window_gen_efficacy", "retention_first")
+# figure set -> (curve file, method in it, label on the plot)
+FIGURES = {
+    "tune200": (
+        ("lifelong-tune-val100-spread.jsonl", "metake", "metake, spread (0.04)"),
+        ("lifelong-tune-val100-null04.jsonl", "metake", "metake (0.04)"),
+        ("lifelong-tune-val100-null02.jsonl", "alphaedit", "alphaedit (0.02)"),
+        ("lifelong-tune-val100-null02.jsonl", "unedited", "unedited"),
+    ),
+    "heldout": (
+        ("lifelong-train2000-spread.jsonl", "metake", "metake, spread (0.04)"),
+        ("lifelong-train2000.jsonl", "metake", "metake (tuned file, 0.02)"),
+        ("lifelong-train2000-spread.jsonl", "alphaedit", "alphaedit (0.02)"),
+        ("lifelong-train2000-spread.jsonl", "unedited", "unedited"),
+    ),
+}
+
+
+def relabelled(runs: tuple[tuple[str, str, str], ...]) -> list[dict]:
+    """The chosen method's points of each file, their method renamed to the label."""
+    points = []
+    for name, method, label in runs:
+        for line in (RESULTS / name).read_text().splitlines():
+            point = json.loads(line)
+            if point["method"] == method:
+                points.append(point | {"method": label})
+    return points
+
+
+if __name__ == "__main__":
+    for figure_set, runs in FIGURES.items():
+        out = DOCS / figure_set
+        out.mkdir(parents=True, exist_ok=True)
+        draw_curves(relabelled(runs), out, COMMITTED)
