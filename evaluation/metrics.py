@@ -20,41 +20,63 @@ from engine.requests import Row, make_batch
 from engine.scoring import completion_scores
 from evaluation.counterfact import CounterFactRecord
 
+PARTS = ("rewrite", "paraphrase", "neighborhood")
+"""A CounterFact record's kinds of prompt; each metric reads one of them (efficacy the rewrite,
+generalisation the paraphrase, specificity the neighbourhood prompt)."""
+METRIC_OF = {"rewrite": "efficacy", "paraphrase": "generalisation", "neighborhood": "specificity"}
+
 
 @dataclass(frozen=True)
 class RecordScores:
-    """Total log-probabilities of the new and the true answer on each of a record's prompts."""
+    """Total log-probabilities of the new and the true answer on each of a record's prompts
+    (``None`` for a kind of prompt that was not scored)."""
 
-    rewrite: tuple[float, float]
-    paraphrase: tuple[float, float]
-    neighborhood: tuple[float, float]
+    rewrite: tuple[float, float] | None = None
+    paraphrase: tuple[float, float] | None = None
+    neighborhood: tuple[float, float] | None = None
+
+
+def _prompts(record: CounterFactRecord, parts: tuple[str, ...]) -> list[str]:
+    by_part = {"rewrite": record.prompt, "paraphrase": record.paraphrase, "neighborhood": record.neighborhood}
+    return [by_part[part] for part in parts]
+
+
+def _check_parts(parts: tuple[str, ...]) -> None:
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        raise ValueError(f"unknown or no prompt kinds {sorted(unknown)}; choose from {PARTS}")
 
 
 def score_records(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[CounterFactRecord]
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[CounterFactRecord],
+    parts: tuple[str, ...] = PARTS,
 ) -> list[RecordScores]:
+    """Score the ``parts`` of each record (all three by default): a caller that reads one metric
+    scores a third of the prompts (the lifelong benchmark re-tests hundreds at every point)."""
+    _check_parts(parts)
     prompts: list[str] = []
     answers: list[str] = []
     for r in records:
-        for prompt in (r.prompt, r.paraphrase, r.neighborhood):
+        for prompt in _prompts(r, parts):
             prompts += [prompt, prompt]
             answers += [r.target_new, r.target_true]
-    flat = completion_scores(model, tokenizer, prompts, answers)
-    out = []
-    for i in range(len(records)):
-        s = flat[6 * i : 6 * i + 6]
-        out.append(RecordScores((s[0], s[1]), (s[2], s[3]), (s[4], s[5])))
-    return out
+    flat = iter(completion_scores(model, tokenizer, prompts, answers))
+    return [RecordScores(**{part: (next(flat), next(flat)) for part in parts}) for _ in records]
 
 
 def counterfact_metrics(scores: list[RecordScores], before: list[RecordScores] | None = None) -> dict[str, float]:
-    """Efficacy, generalisation, specificity (percent), and neighbour log-prob shift if ``before`` is given."""
+    """Efficacy, generalisation, specificity (percent) of the kinds of prompt that were scored, and
+    the neighbour log-prob shift if ``before`` is given (both with neighbourhood scores)."""
     n = len(scores)
-    metrics = {
-        "efficacy": 100.0 * sum(s.rewrite[0] > s.rewrite[1] for s in scores) / n,
-        "generalisation": 100.0 * sum(s.paraphrase[0] > s.paraphrase[1] for s in scores) / n,
-        "specificity": 100.0 * sum(s.neighborhood[1] > s.neighborhood[0] for s in scores) / n,
-    }
+    metrics = {}
+    for part, name in METRIC_OF.items():
+        pairs = [getattr(s, part) for s in scores]
+        if n and all(pair is not None for pair in pairs):
+            # A neighbourhood prompt is kept when its true answer still wins; the others need the new one.
+            wins = [(pair[1] > pair[0]) if part == "neighborhood" else (pair[0] > pair[1]) for pair in pairs]
+            metrics[name] = 100.0 * sum(wins) / n
     if before is not None:
         shifts = [abs(a.neighborhood[1] - b.neighborhood[1]) for a, b in zip(scores, before, strict=True)]
         metrics["neighbor_logprob_shift"] = median(shifts)
@@ -80,29 +102,29 @@ GENERATED_TOKENS = 8
 """Greedy tokens generated per prompt for the generation-based metrics (CounterFact answers are short)."""
 
 
+GENERATION_METRIC_OF = {"rewrite": "gen_efficacy", "paraphrase": "gen_paraphrase", "neighborhood": "gen_neighbourhood"}
+
+
 def generation_metrics(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[CounterFactRecord]
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[CounterFactRecord],
+    parts: tuple[str, ...] = PARTS,
 ) -> dict[str, float]:
     """``gen_efficacy`` / ``gen_paraphrase``: percent of rewrite / paraphrase prompts whose greedy
     continuation says the new target; ``gen_neighbourhood``: percent of neighbourhood prompts whose
-    continuation says their true answer. The teacher-forced figures only compare two answers'
-    probabilities; these ask whether the model, left to itself, says the fact."""
-    prompts = [p for r in records for p in (r.prompt, r.paraphrase, r.neighborhood)]
-    texts = generate_greedy(model, tokenizer, prompts, GENERATED_TOKENS)
-    hits = [
-        (
-            says_answer(texts[3 * i], r.target_new),
-            says_answer(texts[3 * i + 1], r.target_new),
-            says_answer(texts[3 * i + 2], r.target_true),
-        )
-        for i, r in enumerate(records)
-    ]
-    n = len(records)
-    return {
-        "gen_efficacy": 100.0 * sum(h[0] for h in hits) / n,
-        "gen_paraphrase": 100.0 * sum(h[1] for h in hits) / n,
-        "gen_neighbourhood": 100.0 * sum(h[2] for h in hits) / n,
-    }
+    continuation says their true answer (each only for the ``parts`` asked for). The teacher-forced
+    figures only compare two answers' probabilities; these ask whether the model, left to itself,
+    says the fact."""
+    _check_parts(parts)
+    prompts = [p for r in records for p in _prompts(r, parts)]
+    texts = iter(generate_greedy(model, tokenizer, prompts, GENERATED_TOKENS))
+    hits = {part: 0 for part in parts}
+    for r in records:
+        for part in parts:
+            answer = r.target_true if part == "neighborhood" else r.target_new
+            hits[part] += says_answer(next(texts), answer)
+    return {GENERATION_METRIC_OF[part]: 100.0 * hits[part] / len(records) for part in parts}
 
 
 def ngram_entropy(text: str, n: int) -> float:

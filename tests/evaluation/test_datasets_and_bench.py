@@ -192,8 +192,9 @@ def test_bench_reports_generation_metrics_for_counterfact(tiny_llama, tmp_path, 
     """The generated texts are matched to the right prompts and answers (rewrite and paraphrase to
     the new target, neighbourhood to the true answer)."""
     loaded = load_model(tiny_llama[0], device="cpu")
-    records = load_counterfact(counterfact_file(tmp_path / "cf.json"), 2)
+    records = load_counterfact(counterfact_file(tmp_path / "cf.json"), 3)
     records[1] = dataclasses.replace(records[1], neighborhood="The capital of Spain is")
+    records[2] = dataclasses.replace(records[2], neighborhood="The capital of Portugal is")
     said = {
         records[0].prompt: records[0].target_new,  # edited: says the new target
         records[0].paraphrase: "something else",
@@ -201,6 +202,9 @@ def test_bench_reports_generation_metrics_for_counterfact(tiny_llama, tmp_path, 
         records[1].prompt: records[1].target_true,  # not edited
         records[1].paraphrase: " " + records[1].target_new + ".",
         records[1].neighborhood: records[1].target_new,  # the neighbour was bled into
+        records[2].prompt: records[2].target_true,
+        records[2].paraphrase: records[2].target_true,
+        records[2].neighborhood: records[2].target_true,  # kept: two of three neighbours say their answer
     }
     prompts_seen: list[str] = []
 
@@ -210,8 +214,54 @@ def test_bench_reports_generation_metrics_for_counterfact(tiny_llama, tmp_path, 
 
     monkeypatch.setattr(metrics_module, "generate_greedy", fake_generate)
     metrics, _ = evaluate_model(loaded, records, [], 0, None)
-    assert (metrics["gen_efficacy"], metrics["gen_paraphrase"], metrics["gen_neighbourhood"]) == (50.0, 50.0, 50.0)
+    third, two_thirds = pytest.approx(100 / 3), pytest.approx(200 / 3)
+    assert (metrics["gen_efficacy"], metrics["gen_paraphrase"], metrics["gen_neighbourhood"]) == (
+        third,
+        third,
+        two_thirds,
+    )
     assert sorted(prompts_seen) == sorted(said)
+
+
+def test_scoring_some_kinds_of_prompt_gives_what_scoring_all_of_them_gives(tiny_llama, tmp_path):
+    """The lifelong benchmark scores only the prompts a figure reads (retention: the rewrite
+    prompt; specificity: the neighbourhood prompt): each part's scores are those of a full scoring,
+    the parts not asked for are absent, and the metrics are those of the parts scored."""
+    from evaluation.metrics import PARTS, counterfact_metrics, score_records
+
+    loaded = load_model(tiny_llama[0], device="cpu")
+    records = load_counterfact(counterfact_file(tmp_path / "cf.json"), 4)
+    records[1] = dataclasses.replace(records[1], neighborhood="The capital of Spain is")
+    full = score_records(loaded.model, loaded.tokenizer, records)
+    assert all(getattr(s, part) is not None for s in full for part in PARTS)
+    names = {"rewrite": "efficacy", "paraphrase": "generalisation", "neighborhood": "specificity"}
+    for parts in (("rewrite",), ("neighborhood",), ("rewrite", "paraphrase")):
+        some = score_records(loaded.model, loaded.tokenizer, records, parts)
+        for a, b in zip(full, some, strict=True):
+            for part in PARTS:
+                if part in parts:
+                    assert getattr(b, part) == pytest.approx(getattr(a, part), abs=1e-4)
+                else:
+                    assert getattr(b, part) is None
+        whole = counterfact_metrics(full)
+        assert counterfact_metrics(some) == {names[p]: whole[names[p]] for p in parts}
+    with pytest.raises(ValueError, match="unknown or no prompt kinds"):
+        score_records(loaded.model, loaded.tokenizer, records, ("prompt",))
+
+
+def test_generation_metrics_generate_only_the_kinds_of_prompt_asked_for(tiny_llama, tmp_path, monkeypatch):
+    loaded = load_model(tiny_llama[0], device="cpu")
+    records = load_counterfact(counterfact_file(tmp_path / "cf.json"), 2)
+    said = {records[0].prompt: records[0].target_new, records[1].prompt: "elsewhere"}
+    prompts_seen: list[str] = []
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch=16):
+        prompts_seen.extend(prompts)
+        return [said[p] for p in prompts]
+
+    monkeypatch.setattr(metrics_module, "generate_greedy", fake_generate)
+    got = metrics_module.generation_metrics(loaded.model, loaded.tokenizer, records, ("rewrite",))
+    assert got == {"gen_efficacy": 50.0} and prompts_seen == [records[0].prompt, records[1].prompt]
 
 
 def saved_weights(out, method: str) -> dict:
