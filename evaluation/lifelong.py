@@ -5,7 +5,9 @@ Every ``eval_every`` edits the model as it is then is measured: retention of ear
 efficacy, generalisation and generation-based efficacy of the last window, specificity on a fixed
 set of neighbourhood prompts, perplexity on a fixed text, each edited layer's
 ``||W - W0|| / ||W0||``, the conditioning of the last layer's accumulated constraint, the window's
-median realised gain and seconds per edit. Each point is one JSON line in ``DIR/curves.jsonl``;
+median realised gain, planned norm ``||delta||`` and subject output norm ``||h||`` at the last
+layer (a norm feedback between growing weights and growing targets shows in the last two), and
+seconds per edit. Each point is one JSON line in ``DIR/curves.jsonl``;
 ``DIR/*.png`` draws one figure per quantity with every method on the same axes. After each point
 the weights and the editor state are saved, so an interrupted run resumes from its last point.
 Methods take turns window by window, so a run stopped early still compares them at one length.
@@ -52,6 +54,8 @@ PLOTTED = {
     "max_norm_growth": "largest ||W - W0|| / ||W0|| over the edited layers",
     "log10_condition": "log10 condition number of the last layer's C_prev + alpha I",
     "median_gain": "median realised gain of the window",
+    "median_plan_norm": "median ||delta|| planned at the last layer (window)",
+    "median_subject_norm": "median ||h||, the subject's output at the last layer (window)",
     "s_per_edit": "seconds per edit (window median)",
 }
 
@@ -161,6 +165,8 @@ def _window(loaded: LoadedModel, editor: Editor, run: _Run, stream: _Stream, bar
     """Apply records up to the next evaluation point (editing ``run`` in place) and measure there."""
     seconds: list[float] = []
     gains: list[float] = []
+    planned: list[float] = []
+    subjects: list[float] = []
     while True:
         batch = stream.records[run.done : run.done + stream.batch_size]
         began = time.perf_counter()
@@ -168,6 +174,8 @@ def _window(loaded: LoadedModel, editor: Editor, run: _Run, stream: _Stream, bar
             outcome = editor.apply([r.request() for r in batch], run.state)
             run.state = outcome.state
             gains += [d.realised_gain for d in outcome.applied]
+            planned += [d.planned_norm for d in outcome.applied]
+            subjects += [d.planned_norm / d.plan_ratio for d in outcome.applied if d.plan_ratio > 0]
         except EditFailed:
             pass  # counted as not retained: the records stay unedited
         seconds.append((time.perf_counter() - began) / len(batch))
@@ -178,6 +186,8 @@ def _window(loaded: LoadedModel, editor: Editor, run: _Run, stream: _Stream, bar
     return _measure(loaded, editor, run.state, run.done, stream) | {
         "edits": run.done,
         "median_gain": statistics.median(gains) if gains else None,
+        "median_plan_norm": statistics.median(planned) if planned else None,
+        "median_subject_norm": statistics.median(subjects) if subjects else None,
         "s_per_edit": statistics.median(seconds),
     }
 

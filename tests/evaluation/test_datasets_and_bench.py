@@ -282,6 +282,7 @@ def test_lifelong_run_writes_curves_and_plots_and_resumes_where_it_stopped(tiny_
     points = run_lifelong(loaded, methods, records, 1, 2, whole, None, [], progress=False)
     assert [(p["method"], p["edits"]) for p in points] == [("unedited", 0)] + [("alphaedit", e) for e in (2, 4, 5)]
     assert set(points[1]) >= {"retention", "window_efficacy", "specificity", "norm_growth", "log10_condition"}
+    assert points[1]["median_plan_norm"] > 0 and points[1]["median_subject_norm"] > 0
     assert points[-1]["retention_tested"] == 5 and points[1]["max_norm_growth"] > 0
     assert points[0]["specificity"] is not None and points[0]["max_norm_growth"] == 0.0  # the reference
     assert {p.name for p in whole.glob("*.png")} >= {"retention.png", "max_norm_growth.png", "log10_condition.png"}
