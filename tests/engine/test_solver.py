@@ -21,6 +21,7 @@ from engine.solver import (
     layer_constraint,
     project_constraint,
     update_operator,
+    weight_change,
 )
 
 
@@ -150,6 +151,50 @@ def test_symmetric_solve_equals_the_methods_closed_form(d, u, earlier, null, see
     got = update_operator(keys, layer_constraint(priced, c0, projector, c_prev))
     want = direct_operator(keys, projector, c_prev + 7.0 * c0, alphaedit.solver.alpha)
     assert torch.allclose(got, want, rtol=1e-8, atol=1e-10 * float(want.abs().max()) + 1e-14)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    d=st.integers(4, 16),
+    steps=st.integers(2, 6),
+    u=st.integers(1, 3),
+    null=st.floats(0.3, 0.9),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_a_life_of_edits_is_one_regularised_fit_of_all_of_them(d, steps, u, null, seed):
+    """Sequential solves with ``C_prev`` accumulated are recursive least squares: the summed
+    change is the one batch fit of every edit's target at once, ``argmin alpha ||D||^2 (+ w tr(D C0
+    D^T)) + sum_i ||D k_i - r_i||^2`` over the projector's range (MEMIT: ``lambda tr(D C0 D^T)``).
+    So the ridge already anchors the *total* change to the unedited weights, not each increment
+    (docs/lifelong.md, "Norm anchoring is already in the method")."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
+    kept = basis[:, : max(1, int(null * d))]
+    projector = kept @ kept.T
+    c0 = torch.randn(d, 2 * d, generator=gen, dtype=torch.float64)
+    c0 = c0 @ c0.T / (2 * d)
+    keys = [torch.randn(d, u, generator=gen, dtype=torch.float64) * 3 for _ in range(steps)]
+    targets = [torch.randn(5, u, generator=gen, dtype=torch.float64) for _ in range(steps)]
+    alphaedit = tiny_hparams(Path("unused"), "alphaedit")
+    variants = (
+        alphaedit,
+        alphaedit.with_changes(solver={"null_space_c0_weight": 7.0}),
+        tiny_hparams(Path("u"), "memit"),
+    )
+    for hp in variants:
+        change, c_prev = torch.zeros(5, d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+        for k, r in zip(keys, targets, strict=True):
+            # each edit solves for what is still missing at its keys, under the constraints so far
+            change = change + weight_change(
+                r - change @ k, update_operator(k, layer_constraint(hp, c0, projector, c_prev))
+            )
+            c_prev = c_prev + k @ k.T
+        everything = torch.cat(keys, dim=1)
+        none_before = torch.zeros(d, d, dtype=torch.float64)
+        batch = weight_change(
+            torch.cat(targets, dim=1), update_operator(everything, layer_constraint(hp, c0, projector, none_before))
+        )
+        assert torch.allclose(change, batch, rtol=1e-7, atol=1e-9 * float(batch.abs().max()) + 1e-12), hp.method
 
 
 def test_nan_in_the_solve_rolls_back_weights_and_state(tiny, tiny_dirs):
