@@ -307,6 +307,8 @@ TABLE_COLUMNS = (
     ("max_norm_growth", "max dW/W", "{:.3f}"),
     ("log10_condition", "log10 cond", "{:.2f}"),
     ("median_gain", "gain", "{:.2f}"),
+    ("median_plan_norm", "plan norm", "{:.1f}"),
+    ("median_subject_norm", "h norm", "{:.1f}"),
     ("s_per_edit", "s/edit", "{:.2f}"),
 )
 
@@ -318,8 +320,16 @@ def summary_table(points: list[dict[str, Any]]) -> str:
     if not methods:
         return "no points yet"
     reached = min(max(p["edits"] for p in points if p["method"] == m) for m in methods)
+    return points_table(points, (reached,))
+
+
+def points_table(points: list[dict[str, Any]], at: tuple[int, ...]) -> str:
+    """A Markdown table of the unedited reference and every method's points at ``at`` edits
+    (method by method, a point missing from a curve left out)."""
+    methods = sorted({p["method"] for p in points} - {UNEDITED})
     rows = [p for p in points if p["method"] == UNEDITED][:1]
-    rows += [next(p for p in points if p["method"] == m and p["edits"] == reached) for m in methods]
+    by_point = {(p["method"], p["edits"]): p for p in reversed(points)}  # the first of a point measured twice
+    rows += [by_point[(m, edits)] for m in methods for edits in at if (m, edits) in by_point]
     header = ["method", "edits", *(label for _, label, _ in TABLE_COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:

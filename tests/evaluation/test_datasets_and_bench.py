@@ -272,7 +272,7 @@ def saved_weights(out, method: str) -> dict:
 
 def test_lifelong_run_writes_curves_and_plots_and_resumes_where_it_stopped(tiny_llama, tmp_path):
 
-    from evaluation.lifelong import draw_curves, run_lifelong
+    from evaluation.lifelong import draw_curves, points_table, run_lifelong
 
     loaded = load_model(tiny_llama[0], device="cpu")
     hp = EditHyperParams.from_file(tiny_llama[1])
@@ -293,6 +293,12 @@ def test_lifelong_run_writes_curves_and_plots_and_resumes_where_it_stopped(tiny_
         "max_norm_growth.png",
     ]
     assert sorted(p.name for p in chosen.iterdir()) == ["max_norm_growth.png", "retention.png"]  # only those asked for
+    table = points_table(points, (2, 5, 7)).splitlines()
+    assert [line.split(" | ")[:2] for line in table[2:]] == [
+        ["| unedited", "0"],
+        ["| alphaedit", "2"],
+        ["| alphaedit", "5"],
+    ]
     run_lifelong(loaded, methods, records[:3], 1, 2, parts, None, [], progress=False)  # interrupted after 3
     with (parts / "curves.jsonl").open("a") as handle:  # killed after writing a point, before saving its state
         handle.write(json.dumps({"method": "alphaedit", "edits": 5, "retention": -1.0}) + "\n")
