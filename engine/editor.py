@@ -9,6 +9,7 @@ snapshot and the state passed in is still the current one: a failed edit changes
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,6 +300,32 @@ class Editor:
         outcome.state = state.after_batch(added, u, added_projected)
         seconds["total"] = sum(seconds.values())
         outcome.seconds = seconds
+
+    def rekey(self, state: EditorState, requests: list[EditRequest], chunk: int = 64) -> EditorState:
+        """``state`` with ``C_prev`` (and ``P C_prev P``) rebuilt from the keys ``requests`` have on
+        the model *now*; ``requests`` are every request ``state`` has applied.
+
+        ``C_prev`` holds each request's keys as they were when it was applied, but the critical
+        layers are edited together, so every later change below a layer moves the keys that layer
+        reads: after 1,500 more AlphaEdit edits of SmolLM2 the first 100 subjects' keys at layer 8
+        had moved by half their norm (docs/lifelong.md). A re-keyed state protects what the earlier
+        corrections' subjects read now. The first critical layer's keys never move (nothing below
+        it is edited), so its ``C_prev`` is rebuilt as it was."""
+        self.check_state(state)
+        if len(requests) != state.edits:
+            raise ValueError(f"re-keying needs the {state.edits} requests the state applied, not {len(requests)}")
+        encoded = [encode_request(self.loaded, r, state.prefixes, i) for i, r in enumerate(requests)]
+        constraints: dict[int, torch.Tensor] = {}
+        projected: dict[int, torch.Tensor] = {}
+        for layer in self.hparams.layers:
+            gram = torch.zeros(self.key_width, self.key_width, dtype=torch.float64, device=self.loaded.device)
+            for start in range(0, len(encoded), chunk):
+                keys = self._keys_and_outputs(encoded[start : start + chunk], layer, layer)[0].double()
+                gram += keys @ keys.T
+            constraints[layer] = gram.to(state.constraints[layer])
+            if layer in state.projected:
+                projected[layer] = project_constraint(self._projector[layer], gram).to(state.projected[layer])
+        return dataclasses.replace(state, constraints=constraints, projected=projected)
 
     def _projected_constraints(self, state: EditorState) -> dict[int, torch.Tensor]:
         """``P C_prev P`` per layer for the projector methods (MEMIT has none): the state's, or

@@ -86,6 +86,14 @@ def _read_text_sample(path: Path | None, max_chars: int) -> list[str]:
 )
 @click.option("--eval-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="With --lifelong: its folder.")
+@click.option(
+    "--rekey-every",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="With --lifelong: rebuild the accumulated constraints from the applied corrections' current keys "
+    "after each point past a multiple of this many edits (0: never).",
+)
 @click.pass_context
 def bench(
     ctx: click.Context,
@@ -110,6 +118,7 @@ def bench(
     lifelong: bool,
     eval_every: int,
     out_dir: Path | None,
+    rekey_every: int,
 ) -> None:
     """Edit the first N records in sequence with each method on the same model; print one table."""
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
@@ -180,6 +189,7 @@ def bench(
             out_dir,
             home.stats_dir,
             _read_text_sample(ppl_text, ppl_chars),
+            rekey_every=rekey_every,
         )
         click.echo(summary_table(points))
         click.echo(f"{len(points)} points in {out_dir / 'curves.jsonl'}; plots in {out_dir}")

@@ -19,7 +19,7 @@ import json
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +77,13 @@ def run_lifelong(
     stats_dir: Path | None,
     texts: list[str],
     progress: bool = True,
+    rekey_every: int = 0,
 ) -> list[dict[str, Any]]:
-    """Run every method in ``hparams`` over ``records`` (resuming what ``out`` holds); returns all points."""
+    """Run every method in ``hparams`` over ``records`` (resuming what ``out`` holds); returns all points.
+
+    ``rekey_every``: after each point that reaches a multiple of it, rebuild every method's
+    accumulated constraint from the keys its applied corrections have on the model then
+    (``Editor.rekey``; 0: never)."""
     out.mkdir(parents=True, exist_ok=True)
     curves = out / "curves.jsonl"
     editors = {method: Editor(loaded, hp, stats_dir) for method, hp in hparams.items()}
@@ -92,8 +97,8 @@ def run_lifelong(
     runs = {}
     for method, editor in editors.items():
         editor.load_weights(base)
-        done, state = _resume(out, method, editor)
-        runs[method] = _Run(done, state, editor.edited_weights())
+        done, state, failed = _resume(out, method, editor)
+        runs[method] = _Run(done, state, editor.edited_weights(), failed)
     _trim(curves, {method: run.done for method, run in runs.items()})
     bars = {
         m: tqdm(total=len(records), initial=r.done, desc=f"{m} lifelong", disable=not progress) for m, r in runs.items()
@@ -104,11 +109,17 @@ def run_lifelong(
         method, run = min(runs.items(), key=lambda item: item[1].done)
         editor = editors[method]
         editor.load_weights(run.weights)
+        before = run.done
         point = _window(loaded, editor, run, stream, bars[method]) | {"method": method}
+        if rekey_every and run.done // rekey_every > before // rekey_every:
+            failed = set(run.failed)
+            applied = [r.request() for i, r in enumerate(records[: run.done]) if i not in failed]
+            run.state = editor.rekey(run.state, applied)
+            point["rekeyed"] = True
         with curves.open("a") as handle:
             handle.write(json.dumps(point) + "\n")
         run.weights = editor.edited_weights()
-        _save(out, method, editor, run.state, run.done)
+        _save(out, method, editor, run.state, run.done, run.failed)
     for bar in bars.values():
         bar.close()
     next(iter(editors.values())).load_weights(base)
@@ -159,6 +170,8 @@ class _Run:
     done: int
     state: EditorState
     weights: dict[str, torch.Tensor]
+    failed: list[int] = field(default_factory=list)
+    """Indices of the records the state does not hold: refused, or in a batch that failed (rolled back)."""
 
 
 def _window(loaded: LoadedModel, editor: Editor, run: _Run, stream: _Stream, bar: Any) -> dict[str, Any]:
@@ -173,11 +186,13 @@ def _window(loaded: LoadedModel, editor: Editor, run: _Run, stream: _Stream, bar
         try:
             outcome = editor.apply([r.request() for r in batch], run.state)
             run.state = outcome.state
+            refused = {request.key for request, _ in outcome.rejected}
+            run.failed += [run.done + j for j, r in enumerate(batch) if r.request().key in refused]
             gains += [d.realised_gain for d in outcome.applied]
             planned += [d.planned_norm for d in outcome.applied]
             subjects += [d.planned_norm / d.plan_ratio for d in outcome.applied if d.plan_ratio > 0]
-        except EditFailed:
-            pass  # counted as not retained: the records stay unedited
+        except EditFailed:  # counted as not retained: the records stay unedited
+            run.failed += list(range(run.done, run.done + len(batch)))
         seconds.append((time.perf_counter() - began) / len(batch))
         run.done += len(batch)
         bar.update(len(batch))
@@ -228,7 +243,7 @@ def _meta_path(out: Path, method: str) -> Path:
     return out / f"resume-{method}.json"
 
 
-def _save(out: Path, method: str, editor: Editor, state: EditorState, done: int) -> None:
+def _save(out: Path, method: str, editor: Editor, state: EditorState, done: int, failed: list[int]) -> None:
     """Weights and state under names of their own, then the meta that points at them (renamed into
     place last): a kill at any moment leaves the previous point whole."""
     weights, state_path = f"resume-{method}-{done}-weights.safetensors", f"resume-{method}-{done}-state"
@@ -237,22 +252,23 @@ def _save(out: Path, method: str, editor: Editor, state: EditorState, done: int)
     state.save(out / state_path)
     meta = _meta_path(out, method)
     previous = json.loads(meta.read_text()) if meta.exists() else {}
-    atomic_write_text(meta, json.dumps({"edits": done, "weights": weights, "state": state_path}))
+    atomic_write_text(meta, json.dumps({"edits": done, "weights": weights, "state": state_path, "failed": failed}))
     for name in (previous.get("weights"), previous.get("state")):
         if name and name not in (weights, state_path):
             (out / name).unlink(missing_ok=True)
 
 
-def _resume(out: Path, method: str, editor: Editor) -> tuple[int, EditorState]:
-    """Where a method left off: (edits done, its state), weights loaded; (0, a fresh state) otherwise."""
+def _resume(out: Path, method: str, editor: Editor) -> tuple[int, EditorState, list[int]]:
+    """Where a method left off: (edits done, its state, the records that failed), weights loaded;
+    (0, a fresh state, none) otherwise."""
     meta = _meta_path(out, method)
     if not meta.exists():
-        return 0, editor.new_state()
+        return 0, editor.new_state(), []
     saved = json.loads(meta.read_text())
     state = EditorState.load(out / saved["state"], editor.loaded.device)
     editor.check_state(state)
     editor.load_weights({k: v.to(editor.loaded.device) for k, v in load_file(out / saved["weights"]).items()})
-    return int(saved["edits"]), state
+    return int(saved["edits"]), state, list(saved.get("failed", []))
 
 
 def _trim(curves: Path, done: dict[str, int]) -> None:

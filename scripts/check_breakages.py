@@ -66,6 +66,20 @@ BREAKAGES = (
         "spread_virtual_target's last layer takes its share of the gap instead of closing it exactly",
     ),
     Breakage(
+        "rekey-drops-last-chunk",
+        "engine/editor.py",
+        "for start in range(0, len(encoded), chunk):",
+        "for start in range(0, len(encoded) - chunk, chunk):",
+        "re-keying leaves the last chunk of earlier requests out of the rebuilt C_prev",
+    ),
+    Breakage(
+        "rekey-keeps-projected",
+        "engine/editor.py",
+        "return dataclasses.replace(state, constraints=constraints, projected=projected)",
+        "return dataclasses.replace(state, constraints=constraints)",
+        "re-keying rebuilds C_prev but leaves the state's P C_prev P as it was",
+    ),
+    Breakage(
         "gap-closed-by-inverse",
         "engine/editor.py",
         "residual = gap.double() @ torch.linalg.pinv(gain, rtol=1e-6)",

@@ -361,3 +361,29 @@ def test_constraints_bite_and_the_methods_differ(tiny, tiny_dirs):
     assert distance("metake", "alphaedit") > 0.1
     assert distance("memit", "alphaedit") > 0.1
     assert set(BITING_SOLVER) == {"llama", "gpt2"}
+
+
+def test_rekeyed_constraint_sums_every_applied_requests_keys_as_the_model_reads_them_now(tiny, tiny_dirs):
+    """Catches: re-keying that sums the stale keys, drops a chunk of requests, or leaves
+    ``P C_prev P`` as it was (``Editor.rekey``)."""
+    editor = Editor(tiny, biting_hparams(tiny_dirs["corpus"], tiny.model_type, "alphaedit"))
+    state = editor.new_state()
+    for batch in (REQUESTS[:2], REQUESTS[2:]):
+        state = editor.apply(batch, state).state
+    rekeyed = editor.rekey(state, list(REQUESTS), chunk=2)
+    first, last = editor.hparams.layers[0], editor.hparams.last_layer
+    encoded = encode(editor, list(REQUESTS), state)
+    for layer in editor.hparams.layers:
+        keys = keys_at(editor, encoded, layer).double().cpu()
+        torch.testing.assert_close(rekeyed.constraints[layer].double().cpu(), keys @ keys.T, atol=1e-4, rtol=1e-4)
+        p = editor.projectors[layer].matrix.double().cpu()
+        want = p @ rekeyed.constraints[layer].double().cpu() @ p
+        torch.testing.assert_close(rekeyed.projected[layer].double().cpu(), want, atol=1e-4, rtol=1e-4)
+    # nothing below the first critical layer is edited, so its keys are where they were
+    torch.testing.assert_close(rekeyed.constraints[first], state.constraints[first], atol=1e-4, rtol=1e-4)
+    moved = (rekeyed.constraints[last] - state.constraints[last]).norm() / state.constraints[last].norm()
+    assert moved > 1e-3  # the last layer's keys moved with the edits below it
+    assert (rekeyed.steps, rekeyed.edits, rekeyed.prefixes) == (state.steps, state.edits, state.prefixes)
+    editor.apply(REQUESTS[:1], rekeyed)  # and the life goes on from it
+    with pytest.raises(ValueError, match="needs the 3 requests"):
+        editor.rekey(state, list(REQUESTS[:2]))

@@ -10,8 +10,10 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
+from engine.editor import Editor, snapshot_weights
 from engine.hparams import EditHyperParams
 from engine.models import load_model
+from engine.state import EditorState
 from evaluation import metrics as metrics_module
 from evaluation.bench import edit_score, evaluate_model, run_benchmark
 from evaluation.counterfact import load_counterfact
@@ -344,3 +346,33 @@ def test_bench_lifelong_from_the_command_line(tiny_llama, tmp_path):
     assert [json.loads(line)["edits"] for line in (out / "curves.jsonl").read_text().splitlines()] == [0, 2, 4]
     refused = CliRunner().invoke(main, [*args, "--lifelong"])
     assert refused.exit_code == 2 and "--lifelong needs --out DIR" in refused.output
+
+
+def test_lifelong_rekeying_rebuilds_the_constraints_at_its_points_and_resumes_with_them(tiny_llama, tmp_path):
+    """``--rekey-every``: the saved state after a re-keying point holds the applied corrections'
+    keys as the model reads them then, and a resumed run goes on from that state."""
+    from evaluation.lifelong import run_lifelong
+
+    loaded = load_model(tiny_llama[0], device="cpu")
+    hp = EditHyperParams.from_file(tiny_llama[1]).with_changes(method="alphaedit")
+    records = load_counterfact(counterfact_file(tmp_path / "cf.json"), 5)
+    out = tmp_path / "rekeyed"
+    unedited = snapshot_weights(loaded, hp.layers)
+    points = run_lifelong(loaded, {"alphaedit": hp}, records[:4], 1, 2, out, None, [], progress=False, rekey_every=4)
+    assert [p.get("rekeyed", False) for p in points[1:]] == [False, True]  # at 4, not at 2
+    meta = json.loads((out / "resume-alphaedit.json").read_text())
+    saved = EditorState.load(out / meta["state"])
+    editor = Editor(loaded, hp)
+    editor.load_weights(saved_weights(out, "alphaedit"))
+    want = editor.rekey(saved, [r.request() for r in records[:4]])
+    editor.load_weights(unedited)
+    for layer in hp.layers:
+        torch.testing.assert_close(saved.constraints[layer], want.constraints[layer], atol=1e-5, rtol=1e-5)
+    run_lifelong(loaded, {"alphaedit": hp}, records[:4], 1, 2, tmp_path / "plain", None, [], progress=False)
+    unkeyed = EditorState.load(
+        tmp_path / "plain" / json.loads((tmp_path / "plain" / "resume-alphaedit.json").read_text())["state"]
+    )
+    last = hp.last_layer
+    assert not torch.allclose(saved.constraints[last], unkeyed.constraints[last], atol=1e-5, rtol=1e-5)
+    resumed = run_lifelong(loaded, {"alphaedit": hp}, records, 1, 2, out, None, [], progress=False, rekey_every=4)
+    assert [p["edits"] for p in resumed] == [0, 2, 4, 5] and resumed[-1]["retention"] is not None
