@@ -1,8 +1,8 @@
 """Draw lifelong runs that live in different curve files on the same axes, relabelled by setting
 (runs share method names): ``.venv/bin/python benchmarks/plot_runs.py`` writes
-docs/lifelong/tune200/*.png (the 200-edit validation runs) and docs/lifelong/heldout/*.png (the
-spread against AlphaEdit and the tuned MetaKE on held-out train records), as docs/lifelong.md
-shows them."""
+docs/lifelong/tune200/*.png (the 200-edit validation runs), docs/lifelong/heldout/*.png (the
+spread against AlphaEdit and the tuned MetaKE on held-out train records) and docs/lifelong/full/*.png
+(the 2,000-edit run, one curve file a method), as docs/lifelong.md shows them."""
 
 import json
 from pathlib import Path
@@ -12,6 +12,9 @@ from evaluation.lifelong import draw_curves
 RESULTS = Path(__file__).resolve().parent / "results"
 DOCS = RESULTS.parents[1] / "docs" / "lifelong"
 COMMITTED = ("perplexity", "max_norm_growth", "window_gen_efficacy", "retention_first")
+# The 2,000-edit run's figures add what explains its bends: the realised gain, the planned change,
+# the subjects' outputs, the constraint's conditioning and the neighbourhood.
+FULL = COMMITTED + ("median_gain", "median_plan_norm", "median_subject_norm", "log10_condition", "specificity")
 # figure set -> (curve file, method in it, label on the plot)
 FIGURES = {
     "tune200": (
@@ -26,7 +29,14 @@ FIGURES = {
         ("lifelong-train2000-spread.jsonl", "alphaedit", "alphaedit (0.02)"),
         ("lifelong-train2000-spread.jsonl", "unedited", "unedited"),
     ),
+    "full": (
+        ("lifelong-train2000-full-metake.jsonl", "metake", "metake, spread (0.04)"),
+        ("lifelong-train2000-full-alphaedit.jsonl", "alphaedit", "alphaedit (0.02)"),
+        ("lifelong-train2000-full-memit.jsonl", "memit", "memit (lambda 500)"),
+        ("lifelong-train2000-full-metake.jsonl", "unedited", "unedited"),
+    ),
 }
+QUANTITIES = {"full": FULL}
 
 
 def relabelled(runs: tuple[tuple[str, str, str], ...]) -> list[dict]:
@@ -44,4 +54,4 @@ if __name__ == "__main__":
     for figure_set, runs in FIGURES.items():
         out = DOCS / figure_set
         out.mkdir(parents=True, exist_ok=True)
-        draw_curves(relabelled(runs), out, COMMITTED)
+        draw_curves(relabelled(runs), out, QUANTITIES.get(figure_set, COMMITTED))
