@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from engine.architecture import as_out_in
 from engine.editor import Editor, restore_weights
@@ -66,7 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-tokens", type=int, default=30000, help="tokens of --ppl-text for its key statistics")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--weights", action="append", default=[], metavar="METHOD=FILE", help="a saved point's edited weights"
+    )
+    parser.add_argument(
+        "--method-hparams", action="append", default=[], metavar="METHOD=TOML", help="instead of --hparams-dir's file"
+    )
     args = parser.parse_args(argv)
+    saved = dict(item.split("=", 1) for item in args.weights)
+    files = dict(item.split("=", 1) for item in args.method_hparams)
     if args.threads:
         torch.set_num_threads(args.threads)
     home = resolve_home(None)
@@ -84,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "methods": {},
     }
     for method in args.methods.split(","):
-        hparams = EditHyperParams.from_file(args.hparams_dir / f"{method}.toml")
+        hparams = EditHyperParams.from_file(Path(files.get(method, args.hparams_dir / f"{method}.toml")))
         editor = Editor(loaded, hparams, home.stats_dir)
         text_stats = key_statistics(
             loaded,
@@ -95,9 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         base = editor.edited_weights()
         state = editor.new_state()
         start = time.perf_counter()
-        for i, request in enumerate(requests):
-            state = editor.apply([request], state).state
-            print(f"{method}: {i + 1}/{len(requests)} edits", file=sys.stderr, end="\r")
+        if method in saved:
+            editor.load_weights({k: v.to(loaded.device) for k, v in load_file(saved[method]).items()})
+        else:
+            for i, request in enumerate(requests):
+                state = editor.apply([request], state).state
+                print(f"{method}: {i + 1}/{len(requests)} edits", file=sys.stderr, end="\r")
         seconds = time.perf_counter() - start
         edited = editor.edited_weights()
         ppl_edited = perplexity(loaded.model, loaded.tokenizer, text)
@@ -124,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         editor.load_weights(base)
         report["methods"][method] = {
             "ppl_edited": ppl_edited,
-            "seconds_per_edit": seconds / len(requests),
+            "weights": saved.get(method),
+            "seconds_per_edit": None if method in saved else seconds / len(requests),
             "layers": layers,
         }
         print(json.dumps({method: report["methods"][method]}, indent=1), file=sys.stderr)
