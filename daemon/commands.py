@@ -88,6 +88,13 @@ def edit_options(function: CommandFunction) -> CommandFunction:
         click.option("--health-sample", type=int, default=20, show_default=True, help="Corrections re-tested."),
         click.option("--retention-warning", type=float, default=0.8, show_default=True, help="Warn below this."),
         click.option(
+            "--room-warning",
+            type=float,
+            default=0.9,
+            show_default=True,
+            help="Warn when a layer has used more than this share of its room for edits.",
+        ),
+        click.option(
             "--drift-text",
             type=click.Path(path_type=Path),
             help="UTF-8 text for the perplexity drift check [default: a sample the base model wrote once].",
@@ -117,6 +124,7 @@ def settings_from(options: dict[str, Any]) -> DaemonSettings:
             every=options["health_every"],
             sample_size=options["health_sample"],
             retention_warning=options["retention_warning"],
+            room_warning=options["room_warning"],
             drift_text=options["drift_text"],
         ),
     )

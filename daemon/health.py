@@ -1,8 +1,10 @@
 """Lifelong health checks: do earlier corrections still hold, and has the model drifted?
 
-Every N batches the daemon re-tests a seeded sample of corrections applied before (retention)
-and measures perplexity on the fixed drift sample (daemon.drift_sample), next to the unedited
-model's perplexity on the same text. The unedited figure is measured once per process by
+Every N batches the daemon re-tests a seeded sample of corrections applied before (retention),
+measures perplexity on the fixed drift sample (daemon.drift_sample), next to the unedited
+model's perplexity on the same text, and how much of each edited layer's room for edits the
+accumulated constraint has used (``Editor.room_used``: near 1, new corrections start to cost old
+ones). The unedited figure is measured once per process by
 swapping the base weights of the edited layers in and back out (bit for bit). A failed check is
 logged and never stops the daemon: the batch before it is committed already.
 """
@@ -22,6 +24,7 @@ from daemon.held import HeldModel
 from daemon.logs import Timer
 from daemon.workspace import EditableModel, edit_request
 from engine.scoring import fact_scores
+from engine.state import EditorState
 from evaluation.metrics import GENERATED_TOKENS, generate_greedy, perplexity, says_answer
 from storage.audit import AuditKind, append_event
 from storage.edits import MetricValue, add_metrics
@@ -42,6 +45,8 @@ class Findings:
     gen_retention: float | None = None
     """Share of them whose greedy continuation of the prompt says the target (not just prefers it)."""
     drift: dict[str, float] = field(default_factory=dict)
+    room_used: dict[int, float] = field(default_factory=dict)
+    """Per edited layer, the share of its room for edits in use."""
 
 
 def facts_hold(
@@ -60,9 +65,11 @@ class HealthCheck:
         self.model = model
         self._base_perplexity: float | None = None
 
-    def measure(self, earlier: list[Correction]) -> Findings:
+    def measure(self, earlier: list[Correction], state: EditorState) -> Findings:
         loaded = self.model.loaded
         findings = Findings()
+        findings.room_used = room = self.model.editor.room_used(state)
+        findings.metrics += [MetricValue(None, f"health.room_used.layer{n}", Phase.POST, v) for n, v in room.items()]
         held = facts_hold(loaded.model, loaded.tokenizer, earlier)
         for correction_id, (target_prob, holds) in held.items():
             findings.metrics.append(MetricValue(correction_id, "health.target_prob", Phase.POST, target_prob))
@@ -135,11 +142,14 @@ class HealthChecks:
             self._check = HealthCheck(held.model)
         with held.sessions() as session:
             earlier = sample_applied(session, held.name, applied, held.settings.health.sample_size, seed=edit_id)
-        findings = self._check.measure(earlier)
+        assert held.state is not None
+        findings = self._check.measure(earlier, held.state)
+        room = max(findings.room_used.values())
         with held.lease.transaction() as session:
             add_metrics(session, edit_id, findings.metrics)
             payload = {"model": held.name, "retention": findings.retention, "tested": findings.tested, **findings.drift}
             payload["gen_retention"] = findings.gen_retention
+            payload["room_used"] = room
             payload["sample"] = sample_sha256(held.model.drift_texts)
             append_event(session, AuditKind.HEALTH_CHECKED, actor=held.actor, edit_id=edit_id, payload=payload)
         self.last = payload
@@ -150,12 +160,17 @@ class HealthChecks:
             held.event(
                 level, "retention_low", retention=findings.retention, threshold=threshold, forgotten=findings.forgotten
             )
+        if room > held.settings.health.room_warning:
+            level = logging.WARNING
+            fullest = max(findings.room_used, key=lambda layer: findings.room_used[layer])
+            held.event(level, "room_low", room_used=room, layer=fullest, threshold=held.settings.health.room_warning)
         held.event(
             level,
             "health_checked",
             edit=edit_id,
             retention=findings.retention,
             tested=findings.tested,
+            room_used=room,
             seconds=time.perf_counter() - started,
             **findings.drift,
         )

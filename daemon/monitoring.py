@@ -42,6 +42,11 @@ class DaemonMonitor:
         self.perplexity_ratio = Gauge(
             "metake_health_perplexity_ratio", "Perplexity on the drift text over the unedited model's.", registry=r
         )
+        self.room_used = Gauge(
+            "metake_constraint_room_used",
+            "Largest share of an edited layer's room for edits the accumulated constraint has used.",
+            registry=r,
+        )
         self.checkpoint_bytes = Gauge("metake_checkpoint_bytes", "Size of the current checkpoint file.", registry=r)
         self.lease_held = Gauge("metake_lease_held", "1 while this daemon holds the model's lease.", registry=r)
         self.last_beat = Gauge("metake_loop_last_beat_seconds", "Unix time the serving loop last ran.", registry=r)
@@ -68,7 +73,11 @@ class DaemonMonitor:
         for stage, value in seconds.items():
             self.stage_seconds.labels(stage).observe(value)
 
-    def health_checked(self, retention: float | None, perplexity_ratio: float | None) -> None:
+    def health_checked(
+        self, retention: float | None, perplexity_ratio: float | None, room_used: float | None = None
+    ) -> None:
+        if room_used is not None:
+            self.room_used.set(room_used)
         if retention is not None:
             self.retention.set(retention)
         if perplexity_ratio is not None:

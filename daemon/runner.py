@@ -160,7 +160,8 @@ class Daemon:
             monitor = self.monitor
             monitor.batch_done(len(report.applied), len(report.failed), len(report.rejected), report.seconds)
             if self.health.last is not None:
-                monitor.health_checked(self.health.last.get("retention"), self.health.last.get("perplexity_ratio"))
+                last = self.health.last
+                monitor.health_checked(last.get("retention"), last.get("perplexity_ratio"), last.get("room_used"))
             if self.held.current is not None:
                 monitor.checkpoint_bytes.set(self.held.current.size_bytes)
             monitor.beat()

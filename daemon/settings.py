@@ -33,6 +33,8 @@ class HealthSettings:
     every: int = 10
     sample_size: int = 20
     retention_warning: float = 0.8
+    room_warning: float = 0.9
+    """Warn when a layer has used more than this share of its room for edits (``Editor.room_used``)."""
     drift_text: Path | None = None
 
     def __post_init__(self) -> None:
@@ -42,6 +44,8 @@ class HealthSettings:
             raise InvalidInput(f"--health-sample must be at least 1, got {self.sample_size}")
         if not 0.0 <= self.retention_warning <= 1.0:
             raise InvalidInput(f"--retention-warning must be between 0 and 1, got {self.retention_warning}")
+        if not 0.0 <= self.room_warning <= 1.0:
+            raise InvalidInput(f"--room-warning must be between 0 and 1, got {self.room_warning}")
         if self.drift_text is not None and not self.drift_text.is_file():
             raise InvalidInput(f"--drift-text {self.drift_text} is not a file")
 

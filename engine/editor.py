@@ -31,7 +31,7 @@ from engine.planning import (
     subject_outputs,
     virtual_update_injector,
 )
-from engine.projector import Projector, projector_for
+from engine.projector import Projector, pinned_directions, projector_for
 from engine.requests import EditRequest, RequestRejected, check_request, make_batch
 from engine.scoring import FactScores, fact_scores
 from engine.solver import (
@@ -300,6 +300,23 @@ class Editor:
         outcome.state = state.after_batch(added, u, added_projected)
         seconds["total"] = sum(seconds.values())
         outcome.seconds = seconds
+
+    def room_used(self, state: EditorState) -> dict[int, float]:
+        """Per layer, the share of its room for edits that ``state``'s corrections have pinned.
+
+        The room is the projector's kept directions (all ``d_k`` for MEMIT, which has none); a
+        direction is pinned when the protected constraint (``P C_prev P``, MEMIT's ``C_prev``)
+        weighs it more than the ridge ``alpha``. Near 1, a layer has no free direction left and
+        each new correction trades against the old ones."""
+        self.check_state(state)
+        projected = self._projected_constraints(state)
+        alpha = self.hparams.solver.alpha
+        used = {}
+        for layer in self.hparams.layers:
+            constraint = projected.get(layer, state.constraints[layer])
+            room = self.projectors[layer].kept if projected else self.key_width
+            used[layer] = pinned_directions(constraint, alpha) / room if room else 1.0
+        return used
 
     def rekey(self, state: EditorState, requests: list[EditRequest], chunk: int = 64) -> EditorState:
         """``state`` with ``C_prev`` (and ``P C_prev P``) rebuilt from the keys ``requests`` have on

@@ -38,6 +38,15 @@ class Projector:
         return hashlib.sha256(self.matrix.cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+def pinned_directions(constraint: torch.Tensor, above: float) -> int:
+    """How many directions the (symmetric) accumulated constraint holds with more weight than ``above``.
+
+    Each correction pins about one direction of ``P C_prev P``; once a layer's kept directions are
+    all pinned past the solve's ridge, new corrections can only move keys earlier ones hold, and
+    the realised gain and retention fall together (docs/lifelong.md, "The room fills up")."""
+    return int((torch.linalg.eigvalsh(constraint.double()) > above).sum())
+
+
 def null_space_projector(stats: KeyStatistics, threshold: float, relative: bool = False) -> Projector:
     eigenvalues, eigenvectors = torch.linalg.eigh(stats.mean.double())
     cut = threshold * float(eigenvalues.max()) if relative else threshold

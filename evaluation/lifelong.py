@@ -4,7 +4,8 @@ Every ``eval_every`` edits the model as it is then is measured: retention of ear
 (a fixed sample: the first 100, also reported alone, and up to 100 more drawn once with a seed),
 efficacy, generalisation and generation-based efficacy of the last window, specificity on a fixed
 set of neighbourhood prompts, perplexity on a fixed text, each edited layer's
-``||W - W0|| / ||W0||``, the conditioning of the last layer's accumulated constraint, the window's
+``||W - W0|| / ||W0||``, the conditioning of the last layer's accumulated constraint, the share of
+each layer's room for edits in use (``Editor.room_used``), the window's
 median realised gain, planned norm ``||delta||`` and subject output norm ``||h||`` at the last
 layer (a norm feedback between growing weights and growing targets shows in the last two), and
 seconds per edit. Each point is one JSON line in ``DIR/curves.jsonl``;
@@ -53,6 +54,7 @@ PLOTTED = {
     "perplexity": "perplexity on a fixed text",
     "max_norm_growth": "largest ||W - W0|| / ||W0|| over the edited layers",
     "log10_condition": "log10 condition number of the last layer's C_prev + alpha I",
+    "max_room_used": "largest share of a layer's room for edits in use (pinned / kept directions)",
     "median_gain": "median realised gain of the window",
     "median_plan_norm": "median ||delta|| planned at the last layer (window)",
     "median_subject_norm": "median ||h||, the subject's output at the last layer (window)",
@@ -224,6 +226,7 @@ def _measure(loaded: LoadedModel, editor: Editor, state: EditorState, done: int,
     )
     eigenvalues = torch.linalg.eigvalsh(constraint)
     condition = float(eigenvalues.max() / eigenvalues.min().clamp(min=1e-300))
+    room = {str(layer): value for layer, value in editor.room_used(state).items()}
     return {
         "retention": counterfact_metrics(earlier_scores)["efficacy"] if earlier else None,
         "retention_first": counterfact_metrics(first)["efficacy"] if first else None,
@@ -236,6 +239,8 @@ def _measure(loaded: LoadedModel, editor: Editor, state: EditorState, done: int,
         "norm_growth": growth,
         "max_norm_growth": max(growth.values()),
         "log10_condition": float(torch.log10(torch.tensor(condition))),
+        "room_used": room,
+        "max_room_used": max(room.values()),
     }
 
 
@@ -322,6 +327,7 @@ TABLE_COLUMNS = (
     ("perplexity", "ppl", "{:.2f}"),
     ("max_norm_growth", "max dW/W", "{:.3f}"),
     ("log10_condition", "log10 cond", "{:.2f}"),
+    ("max_room_used", "room used", "{:.2f}"),
     ("median_gain", "gain", "{:.2f}"),
     ("median_plan_norm", "plan norm", "{:.1f}"),
     ("median_subject_norm", "h norm", "{:.1f}"),
@@ -346,10 +352,12 @@ def points_table(points: list[dict[str, Any]], at: tuple[int, ...]) -> str:
     rows = [p for p in points if p["method"] == UNEDITED][:1]
     by_point = {(p["method"], p["edits"]): p for p in reversed(points)}  # the first of a point measured twice
     rows += [by_point[(m, edits)] for m in methods for edits in at if (m, edits) in by_point]
-    header = ["method", "edits", *(label for _, label, _ in TABLE_COLUMNS)]
+    # a column no row measured (a curve older than the figure) is left out
+    columns = [c for c in TABLE_COLUMNS if any(row.get(c[0]) is not None for row in rows)]
+    header = ["method", "edits", *(label for _, label, _ in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["method"], str(row["edits"])]
-        cells += [fmt.format(row[key]) if row.get(key) is not None else "" for key, _, fmt in TABLE_COLUMNS]
+        cells += [fmt.format(row[key]) if row.get(key) is not None else "" for key, _, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

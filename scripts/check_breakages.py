@@ -80,6 +80,20 @@ BREAKAGES = (
         "re-keying rebuilds C_prev but leaves the state's P C_prev P as it was",
     ),
     Breakage(
+        "room-counts-unprojected",
+        "engine/editor.py",
+        "constraint = projected.get(layer, state.constraints[layer])",
+        "constraint = state.constraints[layer]",
+        "the room used counts C_prev's directions, not those of its projection on the kept space",
+    ),
+    Breakage(
+        "room-pinned-past-one",
+        "engine/editor.py",
+        "used[layer] = pinned_directions(constraint, alpha) / room if room else 1.0",
+        "used[layer] = pinned_directions(constraint, 1.0) / room if room else 1.0",
+        "the room used counts directions weighed past 1 instead of past the ridge alpha",
+    ),
+    Breakage(
         "gap-closed-by-inverse",
         "engine/editor.py",
         "residual = gap.double() @ torch.linalg.pinv(gain, rtol=1e-6)",

@@ -117,7 +117,9 @@ def test_revert_restores_weights_and_state_exactly_and_marks_later_corrections(s
 
 def test_health_checks_store_retention_and_drift_and_warn(store, tiny, log, one_thread):
     submit_facts(store)
-    daemon = make_daemon(store, tiny, log, health=HealthSettings(every=2, sample_size=5, retention_warning=0.99))
+    daemon = make_daemon(
+        store, tiny, log, health=HealthSettings(every=2, sample_size=5, retention_warning=0.99, room_warning=0.1)
+    )
     report = apply_pending(daemon)
     checked = [b.edit_id for b in report.batches if "health" in b.seconds]
     assert checked == [2, 4]
@@ -132,11 +134,19 @@ def test_health_checks_store_retention_and_drift_and_warn(store, tiny, log, one_
         assert event.edit_id == 4 and event.payload["tested"] == 3
         says = {m.correction_id: m.value for m in rows if m.name == "health.says_target"}
         assert set(says) == {1, 2, 3} and event.payload["gen_retention"] == sum(says.values()) / 3
+        room = {m.name: m.value for m in rows if m.name.startswith("health.room_used.")}
+        layers = daemon.model.editor.hparams.layers
+        assert set(room) == {f"health.room_used.layer{layer}" for layer in layers}
+        kept = {f"health.room_used.layer{n}": p.kept for n, p in daemon.model.editor.projectors.items()}
+        assert {name: round(v * kept[name]) for name, v in room.items()} == dict.fromkeys(kept, 4)  # one each
+        assert event.payload["room_used"] == max(room.values())
     assert (store.home.stats_dir / model_key(daemon.identity) / "drift-sample.json").is_file()
     text = log.getvalue()
     assert "level=info event=health_checked edit=2" in text or "level=warning event=health_checked edit=2" in text
     # the tiny random model cannot hold facts: retention is low, and the daemon says so
     assert "level=warning event=retention_low" in text
+    # four corrections fill more than a tenth of the tiny model's room, two do not
+    assert text.count("level=warning event=room_low") == 1 and "event=room_low room_used=0.148" in text
     # what --metrics-port serves: the same figures, and a liveness that knows the lease is gone
     port = daemon.monitor.serve("127.0.0.1", 0)
     try:

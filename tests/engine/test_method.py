@@ -387,3 +387,40 @@ def test_rekeyed_constraint_sums_every_applied_requests_keys_as_the_model_reads_
     editor.apply(REQUESTS[:1], rekeyed)  # and the life goes on from it
     with pytest.raises(ValueError, match="needs the 3 requests"):
         editor.rekey(state, list(REQUESTS[:2]))
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "memit"])
+def test_room_used_counts_the_kept_directions_the_protected_constraint_weighs_past_the_ridge(tiny, tiny_dirs, method):
+    """Catches: counting the unprojected ``C_prev`` for a projector method, a threshold other than
+    the ridge ``alpha``, or the wrong room (``Editor.room_used``)."""
+    editor = Editor(tiny, biting_hparams(tiny_dirs["corpus"], tiny.model_type, method))
+    state = editor.new_state()
+    assert set(editor.room_used(state).values()) == {0.0}  # nothing pinned before the first edit
+    alpha = editor.hparams.solver.alpha
+    width = editor.key_width
+    constraints, projected, want = {}, {}, {}
+    for i, layer in enumerate(editor.hparams.layers):
+        if method == "memit":
+            room, basis = width, torch.eye(width, dtype=torch.float64)
+        else:
+            values, vectors = torch.linalg.eigh(editor.projectors[layer].matrix.double().cpu())
+            room, basis = editor.projectors[layer].kept, vectors[:, values > 0.5]
+        pinned = min(room, 2 + i)
+        # pinned directions weigh just past the ridge, the next three just short of it
+        weights = torch.zeros(room, dtype=torch.float64)
+        weights[:pinned] = 1.01 * alpha
+        weights[pinned : pinned + 3] = 0.99 * alpha
+        made = (basis * weights) @ basis.T
+        if method == "memit":
+            constraints[layer] = made.float()
+        else:  # C_prev itself weighs everything, so only its projection tells the room
+            constraints[layer] = 1e3 * alpha * torch.eye(width)
+            projected[layer] = made.float()
+        want[layer] = pinned / room
+    built = dataclasses.replace(state, constraints=constraints, projected=projected or state.projected)
+    got = editor.room_used(built)
+    assert got == pytest.approx(want, abs=1e-12)
+    after = editor.room_used(editor.apply(list(REQUESTS), state).state)
+    rooms = {layer: width if method == "memit" else editor.projectors[layer].kept for layer in after}
+    # a correction adds one key a layer to C_prev, so it pins one direction at most
+    assert all(round(after[layer] * rooms[layer]) <= len(REQUESTS) for layer in after)

@@ -285,6 +285,8 @@ def test_lifelong_run_writes_curves_and_plots_and_resumes_where_it_stopped(tiny_
     assert [(p["method"], p["edits"]) for p in points] == [("unedited", 0)] + [("alphaedit", e) for e in (2, 4, 5)]
     assert set(points[1]) >= {"retention", "window_efficacy", "specificity", "norm_growth", "log10_condition"}
     assert points[1]["median_plan_norm"] > 0 and points[1]["median_subject_norm"] > 0
+    assert set(points[1]["room_used"]) == {str(layer) for layer in hp.layers}
+    assert 0 <= points[1]["max_room_used"] <= points[-1]["max_room_used"] <= 1  # the constraint only grows
     assert points[-1]["retention_tested"] == 5 and points[1]["max_norm_growth"] > 0
     assert points[0]["specificity"] is not None and points[0]["max_norm_growth"] == 0.0  # the reference
     assert {p.name for p in whole.glob("*.png")} >= {"retention.png", "max_norm_growth.png", "log10_condition.png"}
@@ -301,6 +303,8 @@ def test_lifelong_run_writes_curves_and_plots_and_resumes_where_it_stopped(tiny_
         ["| alphaedit", "2"],
         ["| alphaedit", "5"],
     ]
+    older = [{k: v for k, v in p.items() if k != "max_room_used"} for p in points]  # a curve from before the figure
+    assert "room used" in table[0] and "room used" not in points_table(older, (2,)).splitlines()[0]
     run_lifelong(loaded, methods, records[:3], 1, 2, parts, None, [], progress=False)  # interrupted after 3
     with (parts / "curves.jsonl").open("a") as handle:  # killed after writing a point, before saving its state
         handle.write(json.dumps({"method": "alphaedit", "edits": 5, "retention": -1.0}) + "\n")
