@@ -23,13 +23,9 @@ import torch
 from engine.editor import Editor
 from engine.hparams import EditHyperParams
 from engine.models import load_model
+from engine.projector import pinned_directions
 from engine.state import EditorState
 from storage.home import resolve_home
-
-
-def used_directions(constraint: torch.Tensor, above: float) -> int:
-    """Eigenvalues of the (symmetric) constraint above ``above``."""
-    return int((torch.linalg.eigvalsh(constraint.double()) > above).sum())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         for layer in hparams.layers:
             constraint = state.projected.get(layer, state.constraints[layer])
             free = room.get(layer, editor.key_width)
-            cells.append(f"{used_directions(constraint, 1.0)} / {used_directions(constraint, alpha)} of {free}")
+            cells.append(f"{pinned_directions(constraint, 1.0)} / {pinned_directions(constraint, alpha)} of {free}")
         print(f"| {path.name} | {state.edits} | {' | '.join(cells)} |")
     print(f"(directions with eigenvalue > 1 / > alpha = {alpha:g}, of the room: the kept directions, or d_k)")
     return 0
