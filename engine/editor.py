@@ -165,8 +165,7 @@ class Editor:
         encoded: list[EncodedRequest] = []
         for request in requests:
             try:
-                check_request(request)
-                encoded.append(encode_request(self.loaded, request, state.prefixes, len(encoded)))
+                encoded.append(self._encode(request, state, len(encoded)))
             except RequestRejected as exc:
                 outcome.rejected.append((request, str(exc)))
         if not encoded:
@@ -317,6 +316,19 @@ class Editor:
             room = self.projectors[layer].kept if projected else self.key_width
             used[layer] = pinned_directions(constraint, alpha) / room if room else 1.0
         return used
+
+    def refusal(self, request: EditRequest, state: EditorState) -> str | None:
+        """Why :meth:`apply` would refuse ``request`` with ``state`` (the reason it records), or
+        None: a refusal depends only on the request, the tokenizer and the state's prefixes."""
+        try:
+            self._encode(request, state, 0)
+        except RequestRejected as exc:
+            return str(exc)
+        return None
+
+    def _encode(self, request: EditRequest, state: EditorState, index: int) -> EncodedRequest:
+        check_request(request)
+        return encode_request(self.loaded, request, state.prefixes, index)
 
     def rekey(self, state: EditorState, requests: list[EditRequest], chunk: int = 64) -> EditorState:
         """``state`` with ``C_prev`` (and ``P C_prev P``) rebuilt from the keys ``requests`` have on

@@ -68,7 +68,8 @@ def _read_text_sample(path: Path | None, max_chars: int) -> list[str]:
     type=click.IntRange(min=0),
     default=50,
     show_default=True,
-    help="Records whose rewrite prompt is continued for the fluency figure.",
+    help="Records whose rewrite prompt is continued for the fluency figure (with --lifelong: the first "
+    "N of the stream, at every point).",
 )
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present).")
 @click.option("--dtype", default="float32", show_default=True)
@@ -190,6 +191,7 @@ def bench(
             home.stats_dir,
             _read_text_sample(ppl_text, ppl_chars),
             rekey_every=rekey_every,
+            fluency_n=fluency_n,
         )
         click.echo(summary_table(points))
         click.echo(f"{len(points)} points in {out_dir / 'curves.jsonl'}; plots in {out_dir}")

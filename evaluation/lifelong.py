@@ -3,7 +3,9 @@
 Every ``eval_every`` edits the model as it is then is measured: retention of earlier corrections
 (a fixed sample: the first 100, also reported alone, and up to 100 more drawn once with a seed),
 efficacy, generalisation and generation-based efficacy of the last window, specificity on a fixed
-set of neighbourhood prompts, perplexity on a fixed text, each edited layer's
+set of neighbourhood prompts and the median shift of their true answers' log-probabilities from
+the unedited model (nats), fluency of greedy continuations of a fixed set of prompts, perplexity
+on a fixed text, each edited layer's
 ``||W - W0|| / ||W0||``, the conditioning of the last layer's accumulated constraint, the share of
 each layer's room for edits in use (``Editor.room_used``), the window's
 median realised gain, planned norm ``||delta||`` and subject output norm ``||h||`` at the last
@@ -36,7 +38,14 @@ from engine.models import LoadedModel
 from engine.state import EditorState
 from evaluation.bench import weight_growth
 from evaluation.counterfact import CounterFactRecord
-from evaluation.metrics import counterfact_metrics, generation_metrics, perplexity, score_records
+from evaluation.metrics import (
+    RecordScores,
+    counterfact_metrics,
+    fluency,
+    generation_metrics,
+    perplexity,
+    score_records,
+)
 
 UNEDITED = "unedited"
 """The method name of the reference point measured once before any edit."""
@@ -51,6 +60,8 @@ PLOTTED = {
     "window_generalisation": "generalisation of the last window (%)",
     "window_gen_efficacy": "generation-based efficacy of the last window (%)",
     "specificity": "specificity on a fixed neighbourhood set (%)",
+    "neighbour_shift": "median |shift| of the neighbourhood set's true-answer log-prob (nats)",
+    "fluency": "fluency of greedy continuations (MEMIT's n-gram entropy)",
     "perplexity": "perplexity on a fixed text",
     "max_norm_growth": "largest ||W - W0|| / ||W0|| over the edited layers",
     "log10_condition": "log10 condition number of the last layer's C_prev + alpha I",
@@ -80,18 +91,26 @@ def run_lifelong(
     texts: list[str],
     progress: bool = True,
     rekey_every: int = 0,
+    fluency_n: int = 0,
 ) -> list[dict[str, Any]]:
     """Run every method in ``hparams`` over ``records`` (resuming what ``out`` holds); returns all points.
 
     ``rekey_every``: after each point that reaches a multiple of it, rebuild every method's
     accumulated constraint from the keys its applied corrections have on the model then
-    (``Editor.rekey``; 0: never)."""
+    (``Editor.rekey``; 0: never). ``fluency_n``: the first this many records' rewrite prompts
+    are continued greedily at every point for the fluency figure (0: no fluency)."""
     out.mkdir(parents=True, exist_ok=True)
     curves = out / "curves.jsonl"
     editors = {method: Editor(loaded, hp, stats_dir) for method, hp in hparams.items()}
     base = next(iter(editors.values())).edited_weights()
+    neighbours = records[:NEIGHBOURHOOD_SET]
     stream = _Stream(
-        records, batch_size, eval_every, retention_sample(len(records)), records[:NEIGHBOURHOOD_SET], texts, base
+        records,
+        batch_size,
+        eval_every,
+        retention_sample(len(records)),
+        Locality.of_unedited(loaded, neighbours, [r.prompt for r in records[:fluency_n]], texts),
+        base,
     )
     if not any(p.get("method") == UNEDITED for p in _read_points(curves)):
         with curves.open("a") as handle:
@@ -99,7 +118,7 @@ def run_lifelong(
     runs = {}
     for method, editor in editors.items():
         editor.load_weights(base)
-        done, state, failed = _resume(out, method, editor)
+        done, state, failed = _resume(out, method, editor, records)
         runs[method] = _Run(done, state, editor.edited_weights(), failed)
     _trim(curves, {method: run.done for method, run in runs.items()})
     bars = {
@@ -138,18 +157,44 @@ def _read_points(curves: Path) -> list[dict[str, Any]]:
 
 def _measure_unedited(loaded: LoadedModel, stream: _Stream) -> dict[str, Any]:
     """The reference every curve is read against: the model before any edit (``edits`` 0)."""
-    model, tokenizer = loaded.model, loaded.tokenizer
-    return {
-        "method": UNEDITED,
-        "edits": 0,
-        "specificity": _specificity(model, tokenizer, stream.neighbours),
-        "perplexity": perplexity(model, tokenizer, stream.texts) if stream.texts else None,
-        "max_norm_growth": 0.0,
-    }
+    return {"method": UNEDITED, "edits": 0, **stream.locality.measure(loaded), "max_norm_growth": 0.0}
 
 
-def _specificity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[CounterFactRecord]) -> float:
-    return counterfact_metrics(score_records(model, tokenizer, records, ("neighborhood",)))["specificity"]
+@dataclass(frozen=True)
+class Locality:
+    """What a point measures of the model outside the corrections, against the unedited model:
+    specificity and the neighbour log-prob shift on fixed neighbourhood prompts, fluency of greedy
+    continuations of fixed prompts, perplexity on a fixed text (each only where its set is given)."""
+
+    neighbours: list[CounterFactRecord]
+    unedited: list[RecordScores]
+    """The neighbourhood prompts' scores on the model before any edit (the shift's reference)."""
+    fluency_prompts: list[str]
+    texts: list[str]
+
+    @classmethod
+    def of_unedited(
+        cls, loaded: LoadedModel, neighbours: list[CounterFactRecord], fluency_prompts: list[str], texts: list[str]
+    ) -> Locality:
+        """The sets, with the reference scores taken from ``loaded`` as it is now (unedited)."""
+        return cls(neighbours, _neighbour_scores(loaded.model, loaded.tokenizer, neighbours), fluency_prompts, texts)
+
+    def measure(self, loaded: LoadedModel) -> dict[str, float | None]:
+        model, tokenizer = loaded.model, loaded.tokenizer
+        scores = _neighbour_scores(model, tokenizer, self.neighbours)
+        metrics = counterfact_metrics(scores, self.unedited) if scores else {}
+        return {
+            "specificity": metrics.get("specificity"),
+            "neighbour_shift": metrics.get("neighbor_logprob_shift"),
+            "fluency": fluency(model, tokenizer, self.fluency_prompts) if self.fluency_prompts else None,
+            "perplexity": perplexity(model, tokenizer, self.texts) if self.texts else None,
+        }
+
+
+def _neighbour_scores(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[CounterFactRecord]
+) -> list[RecordScores]:
+    return score_records(model, tokenizer, records, ("neighborhood",)) if records else []
 
 
 @dataclass(frozen=True)
@@ -160,8 +205,7 @@ class _Stream:
     batch_size: int
     eval_every: int
     sample: list[int]
-    neighbours: list[CounterFactRecord]
-    texts: list[str]
+    locality: Locality
     base: dict[str, torch.Tensor]
 
 
@@ -218,7 +262,6 @@ def _measure(loaded: LoadedModel, editor: Editor, state: EditorState, done: int,
     first = earlier_scores[: min(done, RETENTION_FIRST)]
     window = stream.records[max(0, done - stream.eval_every) : done]
     window_metrics = counterfact_metrics(score_records(model, tokenizer, window, ("rewrite", "paraphrase")))
-    specificity = _specificity(model, tokenizer, stream.neighbours)
     growth = {str(layer): value for layer, value in weight_growth(loaded, stream.base, editor.hparams.layers).items()}
     last = editor.hparams.last_layer
     constraint = state.constraints[last].double() + editor.hparams.solver.alpha * torch.eye(
@@ -234,8 +277,7 @@ def _measure(loaded: LoadedModel, editor: Editor, state: EditorState, done: int,
         "window_efficacy": window_metrics["efficacy"],
         "window_generalisation": window_metrics["generalisation"],
         "window_gen_efficacy": generation_metrics(model, tokenizer, window, ("rewrite",))["gen_efficacy"],
-        "specificity": specificity,
-        "perplexity": perplexity(model, tokenizer, stream.texts) if stream.texts else None,
+        **stream.locality.measure(loaded),
         "norm_growth": growth,
         "max_norm_growth": max(growth.values()),
         "log10_condition": float(torch.log10(torch.tensor(condition))),
@@ -263,9 +305,16 @@ def _save(out: Path, method: str, editor: Editor, state: EditorState, done: int,
             (out / name).unlink(missing_ok=True)
 
 
-def _resume(out: Path, method: str, editor: Editor) -> tuple[int, EditorState, list[int]]:
+def _resume(
+    out: Path, method: str, editor: Editor, records: list[CounterFactRecord]
+) -> tuple[int, EditorState, list[int]]:
     """Where a method left off: (edits done, its state, the records that failed), weights loaded;
-    (0, a fresh state, none) otherwise."""
+    (0, a fresh state, none) otherwise.
+
+    A meta saved before it listed the failed records gets them derived: the records up to its
+    point that the editor refuses (deterministic: the request, the tokenizer and the state's
+    prefixes decide), provided the state holds exactly the rest; a batch that failed and was
+    rolled back cannot be derived, and such a meta is refused with a clear error."""
     meta = _meta_path(out, method)
     if not meta.exists():
         return 0, editor.new_state(), []
@@ -273,7 +322,16 @@ def _resume(out: Path, method: str, editor: Editor) -> tuple[int, EditorState, l
     state = EditorState.load(out / saved["state"], editor.loaded.device)
     editor.check_state(state)
     editor.load_weights({k: v.to(editor.loaded.device) for k, v in load_file(out / saved["weights"]).items()})
-    return int(saved["edits"]), state, list(saved.get("failed", []))
+    done = int(saved["edits"])
+    if "failed" in saved:
+        return done, state, list(saved["failed"])
+    refused = [i for i, r in enumerate(records[:done]) if editor.refusal(r.request(), state) is not None]
+    if done - len(refused) != state.edits:
+        raise ValueError(
+            f"{meta} does not list its failed records, and they cannot be derived: {done} records, "
+            f"{len(refused)} refused, but the state applied {state.edits}"
+        )
+    return done, state, refused
 
 
 def _trim(curves: Path, done: dict[str, int]) -> None:
@@ -324,6 +382,8 @@ TABLE_COLUMNS = (
     ("window_generalisation", "gen %", "{:.0f}"),
     ("window_gen_efficacy", "says %", "{:.0f}"),
     ("specificity", "spec %", "{:.0f}"),
+    ("neighbour_shift", "nbr shift", "{:.3f}"),
+    ("fluency", "fluency", "{:.1f}"),
     ("perplexity", "ppl", "{:.2f}"),
     ("max_norm_growth", "max dW/W", "{:.3f}"),
     ("log10_condition", "log10 cond", "{:.2f}"),

@@ -316,6 +316,67 @@ def test_lifelong_run_writes_curves_and_plots_and_resumes_where_it_stopped(tiny_
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # as if never interrupted
 
 
+def test_lifelong_points_measure_neighbour_shift_and_fluency_against_the_unedited_model(tiny_llama, tmp_path):
+    """The locality figures the issue compares at 2,000 edits: the median |shift| of the fixed
+    neighbourhood prompts' true-answer log-prob from the unedited model (0 at the reference), and
+    fluency of the first ``fluency_n`` records' rewrite prompts, on the model as it is at each point."""
+    from evaluation.lifelong import points_table, run_lifelong
+    from evaluation.metrics import fluency, score_records
+
+    loaded = load_model(tiny_llama[0], device="cpu")
+    hp = EditHyperParams.from_file(tiny_llama[1]).with_changes(method="alphaedit")
+    records = load_counterfact(counterfact_file(tmp_path / "cf.json"), 4)
+    records[1] = dataclasses.replace(records[1], neighborhood="The capital of Spain is", target_true="Madrid")
+    prompts = [r.prompt for r in records[:2]]
+    unedited = snapshot_weights(loaded, hp.layers)
+    before = score_records(loaded.model, loaded.tokenizer, records, ("neighborhood",))
+    fluent = fluency(loaded.model, loaded.tokenizer, prompts)
+    out = tmp_path / "out"
+    points = run_lifelong(loaded, {"alphaedit": hp}, records, 1, 4, out, None, [], progress=False, fluency_n=2)
+    assert points[0]["neighbour_shift"] == 0.0 and points[0]["fluency"] == pytest.approx(fluent, abs=1e-6)
+    editor = Editor(loaded, hp)
+    editor.load_weights(saved_weights(out, "alphaedit"))
+    after = score_records(loaded.model, loaded.tokenizer, records, ("neighborhood",))
+    shifts = sorted(abs(a.neighborhood[1] - b.neighborhood[1]) for a, b in zip(after, before, strict=True))
+    assert points[-1]["neighbour_shift"] == pytest.approx((shifts[1] + shifts[2]) / 2, abs=1e-5)
+    assert points[-1]["neighbour_shift"] > 1e-4  # four edits moved the neighbours
+    assert points[-1]["fluency"] == pytest.approx(fluency(loaded.model, loaded.tokenizer, prompts), abs=1e-6)
+    editor.load_weights(unedited)
+    assert "| nbr shift | fluency |" in points_table(points, (4,)).splitlines()[0]
+    plain = run_lifelong(loaded, {"alphaedit": hp}, records, 1, 4, tmp_path / "plain", None, [], progress=False)
+    assert plain[-1]["fluency"] is None and plain[-1]["neighbour_shift"] == points[-1]["neighbour_shift"]
+
+
+def test_lifelong_resume_derives_the_refused_records_a_meta_from_before_their_tracking_lacks(tiny_llama, tmp_path):
+    """The tokenizer merges record 2's subject ("Fran" of "France") with the text after it, so the
+    editor refuses it; a resume meta without the
+    ``failed`` list gets it back from the editor's own refusal (re-keying needs it), and a meta
+    whose state does not hold exactly the other records is refused instead of guessed at."""
+    from evaluation.lifelong import run_lifelong
+
+    loaded = load_model(tiny_llama[0], device="cpu")
+    hp = EditHyperParams.from_file(tiny_llama[1]).with_changes(method="alphaedit")
+    records = load_counterfact(counterfact_file(tmp_path / "cf.json"), 5)
+    records[2] = dataclasses.replace(records[2], prompt="The capital of France is", subject="Fran")
+    out = tmp_path / "old"
+    run_lifelong(loaded, {"alphaedit": hp}, records[:4], 1, 4, out, None, [], progress=False)
+    meta_path = out / "resume-alphaedit.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["failed"] == [2]
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "failed"}))
+    resumed = run_lifelong(loaded, {"alphaedit": hp}, records, 1, 4, out, None, [], progress=False, rekey_every=5)
+    assert resumed[-1]["edits"] == 5 and resumed[-1]["rekeyed"] is True
+    assert json.loads(meta_path.read_text())["failed"] == [2]
+    lying = tmp_path / "lying"
+    run_lifelong(loaded, {"alphaedit": hp}, records[:4], 1, 4, lying, None, [], progress=False)
+    meta = json.loads((lying / "resume-alphaedit.json").read_text())
+    (lying / "resume-alphaedit.json").write_text(
+        json.dumps({"edits": 3, "weights": meta["weights"], "state": meta["state"]})
+    )
+    with pytest.raises(ValueError, match="cannot be derived: 3 records, 1 refused, but the state applied 3"):
+        run_lifelong(loaded, {"alphaedit": hp}, records, 1, 4, lying, None, [], progress=False)
+
+
 def test_lifelong_methods_take_turns_without_touching_each_others_weights(tiny_llama, tmp_path):
 
     from evaluation.lifelong import run_lifelong
