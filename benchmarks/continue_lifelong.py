@@ -4,7 +4,8 @@ A remedy for what happens late in a model's life (a full null space, a large pla
 late, and a fresh run to 2,000 edits takes hours a method on this CPU. This copies a run's saved
 point (weights, editor state, curves) to ``--out`` and goes on from it through the lifelong
 benchmark with ``--method-hparams`` (any file the saved state fits: the solver's projector and
-layers must match) over ``--extra-n`` further records of another file, measured at their end:
+layers must match; a ``spectral_cap`` file gives a state saved without ``W0`` the unedited
+weights) over ``--extra-n`` further records of another file, measured at their end:
 the same stream, the same fixed sets, another tail. Tune on validation records, not on the
 reported stream.
 
@@ -18,6 +19,7 @@ reported stream.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -25,8 +27,10 @@ from pathlib import Path
 
 import torch
 
+from engine.editor import Editor
 from engine.hparams import EditHyperParams
 from engine.models import load_model
+from engine.state import EditorState
 from evaluation.counterfact import load_counterfact
 from evaluation.lifelong import points_table, run_lifelong
 from storage.home import resolve_home
@@ -61,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     home = resolve_home(None)
     loaded = load_model("default", cache_dir=home.models_dir)
     hparams = EditHyperParams.resolve(loaded.model_type, loaded.n_layers, args.method_hparams, args.method)
+    state_path = args.out / meta["state"]
+    state = EditorState.load(state_path)
+    if hparams.solver.spectral_cap and not state.base:
+        # A life started without the cap: its W0 is the unedited model's (a lifelong run starts there).
+        editor = Editor(loaded, hparams, home.stats_dir)
+        dataclasses.replace(state, base=editor.edited_layer_weights()).save(state_path)
+        print(f"{state_path.name}: gave the state the unedited weights as W0 for the spectral cap", file=sys.stderr)
     records = load_counterfact(args.stream, args.stream_n, args.stream_offset)
     if int(meta["edits"]) != len(records):
         raise SystemExit(f"the saved point is at {meta['edits']} edits, the stream has {len(records)} records")

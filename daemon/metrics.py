@@ -38,4 +38,6 @@ def batch_metrics(outcome: EditOutcome) -> list[MetricValue]:
         values.append(MetricValue(None, f"weight_change.layer{layer}", Phase.POST, value))
     for layer, value in outcome.relative_weight_change.items():
         values.append(MetricValue(None, f"relative_weight_change.layer{layer}", Phase.POST, value))
+    for layer, value in outcome.restrained.items():  # only with [solver] spectral_cap
+        values.append(MetricValue(None, f"spectral_cap_removed.layer{layer}", Phase.POST, value))
     return values

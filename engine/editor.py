@@ -36,6 +36,7 @@ from engine.requests import EditRequest, RequestRejected, check_request, make_ba
 from engine.scoring import FactScores, fact_scores
 from engine.solver import (
     SolveFailed,
+    cap_singular_values,
     layer_constraint,
     project_constraint,
     projected_keys,
@@ -78,6 +79,8 @@ class EditOutcome:
     weight_change: dict[int, float] = field(default_factory=dict)
     """``||dW||_F`` per layer."""
     relative_weight_change: dict[int, float] = field(default_factory=dict)
+    restrained: dict[int, float] = field(default_factory=dict)
+    """With ``[solver] spectral_cap``: per layer, the share of ``||W - W0||`` the cap removed."""
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -138,7 +141,15 @@ class Editor:
             generate_prefixes(self.loaded, up.n_prefixes, up.prefix_tokens, self.hparams.seed),
             self.state_settings(),
             projected=self.hparams.method != "memit",
+            base=self.edited_layer_weights() if self.hparams.solver.spectral_cap else None,
         )
+
+    def edited_layer_weights(self) -> dict[int, torch.Tensor]:
+        """The edited weights by layer as the model holds them now (copies)."""
+        return {
+            layer: edited_weight(self.loaded.model, self.loaded.spec, layer).detach().clone()
+            for layer in self.hparams.layers
+        }
 
     def check_state(self, state: EditorState) -> None:
         """Raise ``StateMismatch`` unless ``state`` can continue on this model under these settings."""
@@ -278,6 +289,9 @@ class Editor:
             outcome.weight_change[layer] = float(change.norm())
             outcome.relative_weight_change[layer] = float(change.norm() / (weight.double().norm() + 1e-12))
         lap("solve")
+        if hp.solver.spectral_cap:
+            outcome.restrained = self._restrain(state)
+            lap("restrain")
 
         post = fact_scores(lm.model, lm.tokenizer, requests)
         lap("scoring")
@@ -299,6 +313,25 @@ class Editor:
         outcome.state = state.after_batch(added, u, added_projected)
         seconds["total"] = sum(seconds.values())
         outcome.seconds = seconds
+
+    def _restrain(self, state: EditorState) -> dict[int, float]:
+        """Cap the singular values of each edited layer's accumulated change ``W - W0`` at
+        ``spectral_cap`` x ``W0``'s largest, in place; per layer the share of the change removed."""
+        if set(state.base) != set(self.hparams.layers):
+            raise EditFailed(
+                "the spectral cap needs the unedited weights in the editor state, and this state has none "
+                "(it was started without the cap): start a new life with it, or turn it off"
+            )
+        removed = {}
+        for layer in self.hparams.layers:
+            weight = edited_weight(self.loaded.model, self.loaded.spec, layer)
+            base = state.base[layer].to(weight.device).double()
+            cap = self.hparams.solver.spectral_cap * float(torch.linalg.matrix_norm(base, ord=2))
+            capped, removed[layer] = cap_singular_values(weight.double() - base, cap)
+            if removed[layer]:
+                with torch.no_grad():
+                    weight.copy_((base + capped).to(weight.dtype))
+        return removed
 
     def room_used(self, state: EditorState) -> dict[int, float]:
         """Per layer, the share of its room for edits that ``state``'s corrections have pinned.

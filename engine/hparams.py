@@ -53,6 +53,13 @@ class SolverParams:
     """Projector methods: weight of ``P C0 P`` in the constraint, a price on the preserved keys'
     energy that the projector lets through (its eigenvalues below the threshold). 0 is AlphaEdit's
     hard projection alone."""
+    spectral_cap: float = 0.0
+    """After every batch, cap each singular value of an edited layer's accumulated change
+    ``W - W0`` at this share of ``W0``'s largest singular value (0: off). A restraint of the
+    perturbation after PRUNE (Ma et al., ICLR 2025), which log-restrains what exceeds ``W0``'s
+    largest; a hard cap instead, so that applying it again changes nothing. Late in a life a few
+    directions of the change outgrow the weights themselves (docs/lifelong.md); the state then
+    carries ``W0``."""
 
 
 @dataclass(frozen=True)

@@ -126,3 +126,14 @@ def weight_change(residual: torch.Tensor, operator: torch.Tensor) -> torch.Tenso
     if not torch.isfinite(delta).all():
         raise SolveFailed("the weight change has NaN or infinite values")
     return delta
+
+
+def cap_singular_values(change: torch.Tensor, cap: float) -> tuple[torch.Tensor, float]:
+    """``change`` with every singular value above ``cap`` lowered to it (float64), and the share
+    of ``||change||_F`` removed (0 and ``change`` itself when none is above)."""
+    d = change.double()
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    if not bool((s > cap).any()):
+        return d, 0.0
+    capped = (u * s.clamp(max=cap)) @ vh
+    return capped, float((d - capped).norm() / d.norm())

@@ -53,6 +53,9 @@ class EditorState:
     """``P C_prev P`` per layer (float32) for the methods with a null-space projector, accumulated
     beside ``C_prev`` so that a solve never recomputes it (``engine.solver``); empty for MEMIT and
     for states saved before format 3 (the editor then computes it from ``C_prev``)."""
+    base: dict[int, torch.Tensor] = field(default_factory=dict)
+    """The edited layers' weights before the life's first edit, as stored in the model (only
+    where ``[solver] spectral_cap`` restrains the accumulated change ``W - W0``; empty otherwise)."""
 
     @classmethod
     def fresh(
@@ -66,8 +69,10 @@ class EditorState:
         prefixes: tuple[str, ...] = (),
         settings: dict[str, str] | None = None,
         projected: bool = False,
+        base: dict[int, torch.Tensor] | None = None,
     ) -> EditorState:
-        """No edits yet; ``projected``: also carry ``P C_prev P`` (zero) for a projector method."""
+        """No edits yet; ``projected``: also carry ``P C_prev P`` (zero) for a projector method;
+        ``base``: the unedited weights the spectral cap measures the accumulated change from."""
         zeros = {layer: torch.zeros(d_k, d_k, dtype=torch.float32, device=device) for layer in layers}
         return cls(
             model_identity,
@@ -80,6 +85,7 @@ class EditorState:
             prefixes,
             dict(settings or {}),
             {layer: torch.zeros_like(zero) for layer, zero in zeros.items()} if projected else {},
+            {layer: w.detach().clone() for layer, w in (base or {}).items()},
         )
 
     def after_batch(
@@ -107,6 +113,7 @@ class EditorState:
             self.prefixes,
             self.settings,
             new_projected,
+            self.base,
         )
 
     def metadata(self) -> dict[str, str]:
@@ -125,7 +132,8 @@ class EditorState:
     def tensors(self) -> dict[str, torch.Tensor]:
         constraints = {f"constraint.{layer}": self.constraints[layer] for layer in self.layers}
         projected = {f"projected.{layer}": self.projected[layer] for layer in self.layers if layer in self.projected}
-        return {name: t.detach().cpu().contiguous() for name, t in (constraints | projected).items()}
+        base = {f"base.{layer}": self.base[layer] for layer in self.layers if layer in self.base}
+        return {name: t.detach().cpu().contiguous() for name, t in (constraints | projected | base).items()}
 
     def to_safetensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The state's one on-disk form: safetensors tensors and metadata under names of its own
@@ -165,6 +173,7 @@ class EditorState:
             tuple(json.loads(meta["prefixes"])),
             json.loads(meta.get("settings", "{}")),
             {layer: tensors[f"projected.{layer}"] for layer in layers if f"projected.{layer}" in tensors},
+            {layer: tensors[f"base.{layer}"] for layer in layers if f"base.{layer}" in tensors},
         )
 
     @classmethod

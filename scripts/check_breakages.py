@@ -142,6 +142,20 @@ BREAKAGES = (
         "at_targets = head(hidden[batch.target_rows, batch.target_positions - 1]).float()",
         "the LM head is applied one position early",
     ),
+    Breakage(
+        "spectral-cap-from-current-weights",
+        "engine/editor.py",
+        "cap = self.hparams.solver.spectral_cap * float(torch.linalg.matrix_norm(base, ord=2))",
+        "cap = self.hparams.solver.spectral_cap * float(torch.linalg.matrix_norm(weight.double(), ord=2))",
+        "the spectral cap is a share of the edited weights' largest singular value instead of W0's",
+    ),
+    Breakage(
+        "spectral-cap-base-dropped",
+        "engine/state.py",
+        "            new_projected,\n            self.base,\n",
+        "            new_projected,\n            {},\n",
+        "the state after a batch forgets W0, so the next capped edit cannot measure the accumulated change",
+    ),
 )
 
 

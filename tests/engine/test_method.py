@@ -424,3 +424,54 @@ def test_room_used_counts_the_kept_directions_the_protected_constraint_weighs_pa
     rooms = {layer: width if method == "memit" else editor.projectors[layer].kept for layer in after}
     # a correction adds one key a layer to C_prev, so it pins one direction at most
     assert all(round(after[layer] * rooms[layer]) <= len(REQUESTS) for layer in after)
+
+
+@pytest.mark.parametrize("method", ["metake", "alphaedit"])
+def test_spectral_cap_keeps_the_accumulated_change_under_its_share_of_the_unedited_weights(tiny, tiny_dirs, method):
+    """Catches: a cap measured from the current weights instead of ``W0``, applied to the batch's
+    change instead of the accumulated one, or a ``W0`` that does not travel with the state
+    (``[solver] spectral_cap``, ``Editor._restrain``)."""
+    plain = Editor(tiny, biting_hparams(tiny_dirs["corpus"], tiny.model_type, method))
+    unedited = plain.edited_weights()
+    names = {layer: tiny.spec.edited_weight_name(layer) for layer in plain.hparams.layers}
+
+    def top(change: torch.Tensor) -> float:
+        return float(torch.linalg.matrix_norm(change.double(), ord=2))
+
+    state = plain.new_state()
+    for request in REQUESTS:
+        state = plain.apply([request], state).state
+    free = {layer: top(plain.edited_weights()[n] - unedited[n]) / top(unedited[n]) for layer, n in names.items()}
+    share = 0.5 * min(free.values())  # binds on every layer
+    plain.load_weights(unedited)
+    capped = Editor(tiny, biting_hparams(tiny_dirs["corpus"], tiny.model_type, method, solver={"spectral_cap": share}))
+    state = capped.new_state()
+    assert all(torch.equal(state.base[layer], unedited[n]) for layer, n in names.items())
+    removed = []
+    for request in REQUESTS:
+        outcome = capped.apply([request], state)
+        state = outcome.state
+        removed.append(max(outcome.restrained.values()))
+        now = capped.edited_weights()
+        for n in names.values():
+            assert top(now[n] - unedited[n]) <= share * top(unedited[n]) * (1 + 1e-5) + 1e-6
+        assert all(torch.equal(state.base[layer], unedited[n]) for layer, n in names.items())
+    assert removed[-1] > 0.0
+    tensors, metadata = state.to_safetensors()
+    reloaded = EditorState.from_safetensors(metadata, tensors)
+    assert all(torch.equal(reloaded.base[layer], state.base[layer]) for layer in names)
+    before = capped.edited_weights()
+    with pytest.raises(engine.editor.EditFailed, match="the spectral cap needs the unedited weights"):
+        capped.apply(REQUESTS[:1], dataclasses.replace(state, base={}))
+    assert all(torch.equal(capped.edited_weights()[n], before[n]) for n in names.values())  # rolled back
+    capped.load_weights(unedited)  # an editor's C0 is read from the model it is made on
+    loose = Editor(tiny, biting_hparams(tiny_dirs["corpus"], tiny.model_type, method, solver={"spectral_cap": 1e3}))
+    results = []
+    for editor in (loose, plain):
+        editor.load_weights(unedited)
+        life = editor.new_state()
+        for request in REQUESTS[:2]:
+            life = editor.apply([request], life).state
+        results.append(editor.edited_weights())
+    assert all(torch.equal(results[0][n], results[1][n]) for n in names.values())  # a cap that never binds
+    plain.load_weights(unedited)

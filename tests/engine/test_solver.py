@@ -17,6 +17,7 @@ from engine.requests import EditRequest
 from engine.solver import (
     Constraint,
     SolveFailed,
+    cap_singular_values,
     direct_operator,
     layer_constraint,
     project_constraint,
@@ -239,3 +240,21 @@ def test_malformed_requests_are_rejected_with_reason(tiny, tiny_dirs, request_, 
     assert [r.key for r in outcome.applied] == ["1"]
     assert reason in outcome.rejected[0][1]
     assert outcome.state.steps == 1 and outcome.state.edits == 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 6), st.integers(2, 7), st.floats(0.05, 1.5), st.integers(0, 10_000))
+def test_capping_singular_values_lowers_only_those_above_the_cap(rows, cols, share, seed):
+    """``cap_singular_values``: the same singular vectors, each singular value ``min(s, cap)``,
+    nothing left to cap on a second pass, and the share of the Frobenius norm it removed."""
+    change = torch.randn(rows, cols, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    u, s, vh = torch.linalg.svd(change, full_matrices=False)
+    cap = share * float(s[0])
+    capped, removed = cap_singular_values(change, cap)
+    torch.testing.assert_close(capped, (u * s.clamp(max=cap)) @ vh)
+    assert float(torch.linalg.matrix_norm(capped, ord=2)) <= cap + 1e-9
+    assert removed == pytest.approx(float((change - capped).norm() / change.norm()), abs=1e-12)
+    again, removed_again = cap_singular_values(capped, cap)
+    assert removed_again == pytest.approx(0.0, abs=1e-7) and torch.allclose(again, capped, atol=1e-9)
+    if share >= 1.0:
+        assert removed == 0.0 and torch.equal(capped, change)  # nothing above the cap: untouched
