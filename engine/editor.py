@@ -37,6 +37,7 @@ from engine.scoring import FactScores, fact_scores
 from engine.solver import (
     SolveFailed,
     cap_singular_values,
+    largest_singular_value,
     layer_constraint,
     project_constraint,
     projected_keys,
@@ -109,6 +110,8 @@ class Editor:
             else {}
         )
         self._plan_dtype = None if hparams.plan_dtype == "float32" else getattr(torch, hparams.plan_dtype)
+        self._base_top: dict[int, tuple[torch.Tensor, float]] = {}
+        """Per layer, ``W0`` of the states seen and its largest singular value (the spectral cap's scale)."""
 
     @property
     def key_width(self) -> int:
@@ -326,7 +329,10 @@ class Editor:
         for layer in self.hparams.layers:
             weight = edited_weight(self.loaded.model, self.loaded.spec, layer)
             base = state.base[layer].to(weight.device).double()
-            cap = self.hparams.solver.spectral_cap * float(torch.linalg.matrix_norm(base, ord=2))
+            cached = self._base_top.get(layer)
+            if cached is None or not torch.equal(cached[0], state.base[layer]):  # W0 is the same all life
+                cached = self._base_top[layer] = (state.base[layer], largest_singular_value(base))
+            cap = self.hparams.solver.spectral_cap * cached[1]
             capped, removed[layer] = cap_singular_values(weight.double() - base, cap)
             if removed[layer]:
                 with torch.no_grad():

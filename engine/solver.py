@@ -130,10 +130,25 @@ def weight_change(residual: torch.Tensor, operator: torch.Tensor) -> torch.Tenso
 
 def cap_singular_values(change: torch.Tensor, cap: float) -> tuple[torch.Tensor, float]:
     """``change`` with every singular value above ``cap`` lowered to it (float64), and the share
-    of ``||change||_F`` removed (0 and ``change`` itself when none is above)."""
+    of ``||change||_F`` removed (0 and ``change`` itself when none is above).
+
+    Through the eigendecomposition of the Gram matrix of the shorter side (``M M^T = U S^2 U^T``,
+    capped ``M`` = ``U diag(min(s, cap) / s) U^T M``): on a 576 x 1536 layer a tenth of an SVD's time."""
     d = change.double()
-    u, s, vh = torch.linalg.svd(d, full_matrices=False)
-    if not bool((s > cap).any()):
+    transpose = d.shape[0] > d.shape[1]
+    m = d.T if transpose else d
+    values, vectors = torch.linalg.eigh(m @ m.T)
+    singular = values.clamp(min=0).sqrt()
+    if not bool((singular > cap).any()):
         return d, 0.0
-    capped = (u * s.clamp(max=cap)) @ vh
+    scale = torch.where(singular > cap, cap / singular, torch.ones_like(singular))
+    capped = vectors @ (scale[:, None] * (vectors.T @ m))
+    capped = capped.T if transpose else capped
     return capped, float((d - capped).norm() / d.norm())
+
+
+def largest_singular_value(matrix: torch.Tensor) -> float:
+    """``sigma_max`` from the Gram matrix of the shorter side (float64)."""
+    m = matrix.double()
+    gram = m.T @ m if m.shape[0] > m.shape[1] else m @ m.T
+    return float(torch.linalg.eigvalsh(gram)[-1].clamp(min=0).sqrt())

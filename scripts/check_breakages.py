@@ -145,8 +145,8 @@ BREAKAGES = (
     Breakage(
         "spectral-cap-from-current-weights",
         "engine/editor.py",
-        "cap = self.hparams.solver.spectral_cap * float(torch.linalg.matrix_norm(base, ord=2))",
-        "cap = self.hparams.solver.spectral_cap * float(torch.linalg.matrix_norm(weight.double(), ord=2))",
+        "cap = self.hparams.solver.spectral_cap * cached[1]",
+        "cap = self.hparams.solver.spectral_cap * largest_singular_value(weight)",
         "the spectral cap is a share of the edited weights' largest singular value instead of W0's",
     ),
     Breakage(
