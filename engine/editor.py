@@ -148,11 +148,9 @@ class Editor:
         )
 
     def edited_layer_weights(self) -> dict[int, torch.Tensor]:
-        """The edited weights by layer as the model holds them now (copies)."""
-        return {
-            layer: edited_weight(self.loaded.model, self.loaded.spec, layer).detach().clone()
-            for layer in self.hparams.layers
-        }
+        """:meth:`edited_weights` keyed by layer, as the state keeps ``W0`` (copies)."""
+        by_name = self.edited_weights()
+        return {layer: by_name[self.loaded.spec.edited_weight_name(layer)] for layer in self.hparams.layers}
 
     def check_state(self, state: EditorState) -> None:
         """Raise ``StateMismatch`` unless ``state`` can continue on this model under these settings."""

@@ -133,7 +133,8 @@ def cap_singular_values(change: torch.Tensor, cap: float) -> tuple[torch.Tensor,
     of ``||change||_F`` removed (0 and ``change`` itself when none is above).
 
     Through the eigendecomposition of the Gram matrix of the shorter side (``M M^T = U S^2 U^T``,
-    capped ``M`` = ``U diag(min(s, cap) / s) U^T M``): on a 576 x 1536 layer a tenth of an SVD's time."""
+    capped ``M`` = ``U diag(min(s, cap) / s) U^T M``): on a 576 x 1536 layer 0.30 s against 0.48 s
+    for its SVD (one thread of a loaded 2-core CPU), equal to 3e-14."""
     d = change.double()
     transpose = d.shape[0] > d.shape[1]
     m = d.T if transpose else d

@@ -428,9 +428,9 @@ def test_room_used_counts_the_kept_directions_the_protected_constraint_weighs_pa
 
 @pytest.mark.parametrize("method", ["metake", "alphaedit"])
 def test_spectral_cap_keeps_the_accumulated_change_under_its_share_of_the_unedited_weights(tiny, tiny_dirs, method):
-    """Catches: a cap measured from the current weights instead of ``W0``, applied to the batch's
-    change instead of the accumulated one, or a ``W0`` that does not travel with the state
-    (``[solver] spectral_cap``, ``Editor._restrain``)."""
+    """Catches: a cap measured from the current weights instead of ``W0``, or a ``W0`` that does
+    not travel with the state (``[solver] spectral_cap``, ``Editor._restrain``); the bound is
+    checked on the accumulated change after every edit."""
     plain = Editor(tiny, biting_hparams(tiny_dirs["corpus"], tiny.model_type, method))
     unedited = plain.edited_weights()
     names = {layer: tiny.spec.edited_weight_name(layer) for layer in plain.hparams.layers}

@@ -349,9 +349,9 @@ def test_lifelong_points_measure_neighbour_shift_and_fluency_against_the_unedite
 
 def test_lifelong_resume_derives_the_refused_records_a_meta_from_before_their_tracking_lacks(tiny_llama, tmp_path):
     """The tokenizer merges record 2's subject ("Fran" of "France") with the text after it, so the
-    editor refuses it; a resume meta without the
-    ``failed`` list gets it back from the editor's own refusal (re-keying needs it), and a meta
-    whose state does not hold exactly the other records is refused instead of guessed at."""
+    editor refuses it; a resume meta without the ``failed`` list gets it back from the editor's
+    own refusal (re-keying needs it), and a meta whose state does not hold exactly the other
+    records is refused instead of guessed at."""
     from evaluation.lifelong import run_lifelong
 
     loaded = load_model(tiny_llama[0], device="cpu")
