@@ -4,10 +4,9 @@
 file's methods to LABEL, for runs of one method under different settings."""
 
 import argparse
-import json
 from pathlib import Path
 
-from evaluation.lifelong import UNEDITED, points_table
+from evaluation.lifelong import UNEDITED, points_table, read_curves
 
 
 def labelled(argument: str) -> tuple[Path, str | None]:
@@ -23,7 +22,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     points = []
     for i, (path, label) in enumerate(args.files):
-        mine = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        mine = [p if label is None or p["method"] == UNEDITED else p | {"method": label} for p in mine]
+        mine = [p if label is None or p["method"] == UNEDITED else p | {"method": label} for p in read_curves(path)]
         points += [p for p in mine if i == 0 or p["method"] != UNEDITED]
     print(points_table(points, tuple(int(x) for x in args.at.split(","))))

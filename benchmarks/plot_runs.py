@@ -2,12 +2,12 @@
 (runs share method names): ``.venv/bin/python benchmarks/plot_runs.py`` writes
 docs/lifelong/tune200/*.png (the 200-edit validation runs), docs/lifelong/heldout/*.png (the
 spread against AlphaEdit and the tuned MetaKE on held-out train records) and docs/lifelong/full/*.png
-(the 2,000-edit run, one curve file a method), as docs/lifelong.md shows them."""
+(the 2,000-edit run, one curve file a method) and docs/lifelong/cap/*.png (the spectral cap from
+the first correction against the uncapped runs), as docs/lifelong.md shows them."""
 
-import json
 from pathlib import Path
 
-from evaluation.lifelong import draw_curves
+from evaluation.lifelong import draw_curves, read_curves
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DOCS = RESULTS.parents[1] / "docs" / "lifelong"
@@ -35,18 +35,23 @@ FIGURES = {
         ("lifelong-train2000-full-memit.jsonl", "memit", "memit (lambda 500)"),
         ("lifelong-train2000-full-metake.jsonl", "unedited", "unedited"),
     ),
+    "cap": (
+        ("lifelong-train2000-cap-metake.jsonl", "metake", "metake, cap 0.5"),
+        ("lifelong-train2000-full-metake.jsonl", "metake", "metake, uncapped"),
+        ("lifelong-train2000-cap-alphaedit.jsonl", "alphaedit", "alphaedit, cap 0.75"),
+        ("lifelong-train2000-full-alphaedit.jsonl", "alphaedit", "alphaedit, uncapped"),
+        ("lifelong-train2000-cap-metake.jsonl", "unedited", "unedited"),
+    ),
 }
-QUANTITIES = {"full": FULL}
+# The capped runs also measure the neighbourhood's shift and fluency at every point.
+QUANTITIES = {"full": FULL, "cap": COMMITTED + ("specificity", "neighbour_shift", "fluency", "retention")}
 
 
 def relabelled(runs: tuple[tuple[str, str, str], ...]) -> list[dict]:
     """The chosen method's points of each file, their method renamed to the label."""
     points = []
     for name, method, label in runs:
-        for line in (RESULTS / name).read_text().splitlines():
-            point = json.loads(line)
-            if point["method"] == method:
-                points.append(point | {"method": label})
+        points += [p | {"method": label} for p in read_curves(RESULTS / name) if p["method"] == method]
     return points
 
 

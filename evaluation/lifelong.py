@@ -150,8 +150,12 @@ def run_lifelong(
 
 
 def _read_points(curves: Path) -> list[dict[str, Any]]:
-    if not curves.exists():
-        return []
+    """A run's points so far; none before its first point is written."""
+    return read_curves(curves) if curves.exists() else []
+
+
+def read_curves(curves: Path) -> list[dict[str, Any]]:
+    """Every point of a curve file (``curves.jsonl``), in the order written; a missing file raises."""
     return [json.loads(line) for line in curves.read_text().splitlines() if line.strip()]
 
 

@@ -274,7 +274,7 @@ def saved_weights(out, method: str) -> dict:
 
 def test_lifelong_run_writes_curves_and_plots_and_resumes_where_it_stopped(tiny_llama, tmp_path):
 
-    from evaluation.lifelong import draw_curves, points_table, run_lifelong
+    from evaluation.lifelong import draw_curves, points_table, read_curves, run_lifelong
 
     loaded = load_model(tiny_llama[0], device="cpu")
     hp = EditHyperParams.from_file(tiny_llama[1])
@@ -290,6 +290,9 @@ def test_lifelong_run_writes_curves_and_plots_and_resumes_where_it_stopped(tiny_
     assert points[-1]["retention_tested"] == 5 and points[1]["max_norm_growth"] > 0
     assert points[0]["specificity"] is not None and points[0]["max_norm_growth"] == 0.0  # the reference
     assert {p.name for p in whole.glob("*.png")} >= {"retention.png", "max_norm_growth.png", "log10_condition.png"}
+    assert read_curves(whole / "curves.jsonl") == points  # what the table and plot scripts read
+    with pytest.raises(FileNotFoundError):  # a mistyped curve file is an error, not an empty table
+        read_curves(whole / "curve.jsonl")
     chosen = tmp_path / "chosen"
     chosen.mkdir()
     assert [p.name for p in draw_curves(points, chosen, ("retention", "max_norm_growth"))] == [
