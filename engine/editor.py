@@ -10,6 +10,7 @@ snapshot and the state passed in is still the current one: a failed edit changes
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,7 @@ class Editor:
         """What the accumulated constraints and every later edit depend on besides ``C0`` and the
         projectors: the method and its solver's settings (a state refuses to continue under others)."""
         solver = self.hparams.solver
+        groups = [list(group) for group in self.hparams.layer_groups]
         return {
             "method": self.hparams.method,
             "alpha": repr(solver.alpha),
@@ -129,6 +131,7 @@ class Editor:
             "nullspace_relative": str(solver.nullspace_relative).lower(),
             # Only when set, so that states saved before the setting existed still continue.
             **({"null_space_c0_weight": repr(solver.null_space_c0_weight)} if solver.null_space_c0_weight else {}),
+            **({"layer_groups": json.dumps(groups)} if groups else {}),
         }
 
     def new_state(self) -> EditorState:
@@ -197,7 +200,8 @@ class Editor:
     def _apply(self, encoded: list[EncodedRequest], state: EditorState, outcome: EditOutcome) -> None:
         hp = self.hparams
         lm = self.loaded
-        last = hp.last_layer
+        layers = hp.layers_of_batch(state.steps)
+        last = layers[-1]
         clock = time.perf_counter()
         seconds: dict[str, float] = {}
 
@@ -224,7 +228,7 @@ class Editor:
                 projected.get(layer),
                 self._projected_c0.get(layer),
             )
-            for layer in hp.layers
+            for layer in layers
         }
         keys_last, _ = self._keys_and_outputs(encoded, last, last)
         operator_last = update_operator(keys_last, constraints[last])
@@ -270,13 +274,13 @@ class Editor:
         targets = h + realised.T.to(h.dtype) if close_exactly else h + delta
         added: dict[int, torch.Tensor] = {}
         added_projected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for i, layer in enumerate(hp.layers):
+        for i, layer in enumerate(layers):
             keys, current = self._keys_and_outputs(encoded, layer, last)
             operator = update_operator(keys, constraints[layer])
             if close_exactly and layer == last:
                 residual = gap_closing_residual((targets - current).T, operator @ keys.double())
             else:
-                residual = (targets - current).T / (len(hp.layers) - i)
+                residual = (targets - current).T / (len(layers) - i)
             change = weight_change(residual, operator)
             weight = edited_weight(lm.model, lm.spec, layer)
             with torch.no_grad():
@@ -291,7 +295,7 @@ class Editor:
             outcome.relative_weight_change[layer] = float(change.norm() / (weight.double().norm() + 1e-12))
         lap("solve")
         if hp.solver.spectral_cap:
-            outcome.restrained = self._restrain(state)
+            outcome.restrained = self._restrain(state, layers)
             lap("restrain")
 
         post = fact_scores(lm.model, lm.tokenizer, requests)
@@ -315,16 +319,17 @@ class Editor:
         seconds["total"] = sum(seconds.values())
         outcome.seconds = seconds
 
-    def _restrain(self, state: EditorState) -> dict[int, float]:
-        """Cap the singular values of each edited layer's accumulated change ``W - W0`` at
-        ``spectral_cap`` x ``W0``'s largest, in place; per layer the share of the change removed."""
+    def _restrain(self, state: EditorState, layers: tuple[int, ...]) -> dict[int, float]:
+        """Cap the singular values of the accumulated change ``W - W0`` of each of ``layers`` (the
+        ones the batch changed; the others are capped already) at ``spectral_cap`` x ``W0``'s
+        largest, in place; per layer the share of the change removed."""
         if set(state.base) != set(self.hparams.layers):
             raise EditFailed(
                 "the spectral cap needs the unedited weights in the editor state, and this state has none "
                 "(it was started without the cap): start a new life with it, or turn it off"
             )
         removed = {}
-        for layer in self.hparams.layers:
+        for layer in layers:
             weight = edited_weight(self.loaded.model, self.loaded.spec, layer)
             base = state.base[layer].to(weight.device).double()
             cached = self._base_top.get(layer)
@@ -378,6 +383,8 @@ class Editor:
         corrections' subjects read now. The first critical layer's keys never move (nothing below
         it is edited), so its ``C_prev`` is rebuilt as it was."""
         self.check_state(state)
+        if self.hparams.layer_groups:
+            raise ValueError("re-keying routed layers is not supported (a layer's C_prev holds its group's requests)")
         if len(requests) != state.edits:
             raise ValueError(f"re-keying needs the {state.edits} requests the state applied, not {len(requests)}")
         encoded = [encode_request(self.loaded, r, state.prefixes, i) for i, r in enumerate(requests)]

@@ -114,6 +114,11 @@ class StatsParams:
 class EditHyperParams:
     layers: tuple[int, ...]
     method: Method = "metake"
+    layer_groups: tuple[tuple[int, ...], ...] = ()
+    """Route the batches to these groups of ``layers`` in turn (batch ``n`` edits group ``n mod
+    len``; their union must be ``layers``), so that each layer's room for edits (the directions a
+    projector keeps, one pinned a correction) is shared by a share of the corrections only.
+    Empty: every batch edits every layer in ``layers``."""
     upstream: UpstreamParams = field(default_factory=UpstreamParams)
     solver: SolverParams = field(default_factory=SolverParams)
     outer: OuterParams = field(default_factory=OuterParams)
@@ -136,10 +141,20 @@ class EditHyperParams:
             raise ValueError(f"layers must be a non-empty increasing list, got {list(self.layers)}")
         if self.plan_chunk_requests < 1:
             raise ValueError(f"plan_chunk_requests must be at least 1, got {self.plan_chunk_requests}")
+        for group in self.layer_groups:
+            if not group or list(group) != sorted(set(group)):
+                raise ValueError(f"each of layer_groups must be a non-empty increasing list, got {list(group)}")
+        if self.layer_groups and sorted({x for g in self.layer_groups for x in g}) != list(self.layers):
+            groups = [list(g) for g in self.layer_groups]
+            raise ValueError(f"layer_groups {groups} must together be the layers {list(self.layers)}")
 
     @property
     def last_layer(self) -> int:
         return self.layers[-1]
+
+    def layers_of_batch(self, step: int) -> tuple[int, ...]:
+        """The layers the batch after ``step`` applied batches edits (see ``layer_groups``)."""
+        return self.layer_groups[step % len(self.layer_groups)] if self.layer_groups else self.layers
 
     def with_changes(self, **changes: Any) -> EditHyperParams:
         """A copy with top-level fields replaced and nested ones given as ``{"outer": {"steps": 0}}``."""
@@ -150,6 +165,8 @@ class EditHyperParams:
                 updates[key] = dataclasses.replace(current, **value)
             elif key == "layers":
                 updates[key] = tuple(value)
+            elif key == "layer_groups":
+                updates[key] = tuple(tuple(g) for g in value)
             else:
                 updates[key] = value
         return dataclasses.replace(self, **updates)
@@ -177,6 +194,8 @@ class EditHyperParams:
         if "layers" not in top:
             raise ValueError("hyperparameters need `layers`")
         top["layers"] = tuple(int(x) for x in top["layers"])
+        if "layer_groups" in top:
+            top["layer_groups"] = tuple(tuple(int(x) for x in group) for group in top["layer_groups"])
         return cls(**top, **nested)
 
     @classmethod

@@ -94,14 +94,19 @@ class EditorState:
         n_requests: int,
         projected: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> EditorState:
-        """A new state with ``K K^T`` of a batch added per layer; this one is left untouched.
+        """A new state with ``K K^T`` of a batch added per layer it edited (the others keep
+        theirs); this one is left untouched.
 
         ``projected`` maps a layer to ``(P C_prev P, (P K)(P K)^T)`` for the projector methods
         (the first from this state, or computed from ``C_prev`` when it has none)."""
         constraints = {
-            layer: self.constraints[layer] + added[layer].to(self.constraints[layer]) for layer in self.layers
+            layer: self.constraints[layer] + added[layer].to(self.constraints[layer])
+            if layer in added
+            else self.constraints[layer]
+            for layer in self.layers
         }
-        new_projected = {layer: before + more.to(before) for layer, (before, more) in (projected or {}).items()}
+        new_projected = dict(self.projected)
+        new_projected.update({layer: before + more.to(before) for layer, (before, more) in (projected or {}).items()})
         return EditorState(
             self.model_identity,
             self.layers,

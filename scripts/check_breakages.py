@@ -103,7 +103,7 @@ BREAKAGES = (
     Breakage(
         "residual-undivided",
         "engine/editor.py",
-        "residual = (targets - current).T / (len(hp.layers) - i)",
+        "residual = (targets - current).T / (len(layers) - i)",
         "residual = (targets - current).T",
         "the residual is not divided by the number of layers left",
     ),

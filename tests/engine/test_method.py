@@ -475,3 +475,44 @@ def test_spectral_cap_keeps_the_accumulated_change_under_its_share_of_the_unedit
         results.append(editor.edited_weights())
     assert all(torch.equal(results[0][n], results[1][n]) for n in names.values())  # a cap that never binds
     plain.load_weights(unedited)
+
+
+@pytest.mark.parametrize("method", ["metake", "alphaedit"])
+def test_layer_groups_edit_each_batch_as_the_method_on_its_group_alone(tiny, tiny_dirs, method):
+    """Catches: a routed batch that changes a layer outside its group, adds its keys to the
+    ``C_prev`` of one, or plans against another group's last layer (``layer_groups``,
+    ``Editor._apply``, ``EditorState.after_batch``): batch 1 goes to layer 1 and batch 2 to layer 2,
+    and each must equal a one-layer editor of that layer with that layer's history alone."""
+    routed = Editor(tiny, biting_hparams(tiny_dirs["corpus"], tiny.model_type, method, layer_groups=[[1], [2]]))
+    # made now: an editor reads C0 from, and a new state samples its prefixes from, the model as it is
+    alone = {
+        layer: Editor(tiny, biting_hparams(tiny_dirs["corpus"], tiny.model_type, method, layers=[layer]))
+        for layer in (1, 2)
+    }
+    alone_states = {layer: editor.new_state() for layer, editor in alone.items()}
+    names = {layer: tiny.spec.edited_weight_name(layer) for layer in (1, 2)}
+    unedited = routed.edited_weights()
+    state = routed.new_state()
+    first = routed.apply([REQUESTS[0]], state)
+    after_first = routed.edited_weights()
+    second = routed.apply([REQUESTS[1]], first.state)
+    after_second = routed.edited_weights()
+    assert set(first.weight_change) == {1} and set(second.weight_change) == {2}
+    assert torch.equal(after_first[names[2]], unedited[names[2]])
+    assert torch.equal(after_second[names[1]], after_first[names[1]])
+    assert torch.equal(first.state.constraints[2], state.constraints[2])
+    assert torch.equal(second.state.constraints[1], first.state.constraints[1])
+    assert float(first.state.constraints[1].norm()) > 0 and float(second.state.constraints[2].norm()) > 0
+    assert torch.equal(second.state.projected[1], first.state.projected[1])
+
+    for layer, request, before, after in (
+        (1, REQUESTS[0], unedited, after_first),
+        (2, REQUESTS[1], after_first, after_second),
+    ):
+        routed.load_weights(before)
+        alone[layer].apply([request], alone_states[layer])
+        expected = alone[layer].edited_weights()[names[layer]]
+        assert torch.allclose(after[names[layer]], expected, rtol=1e-5, atol=1e-6)
+    routed.load_weights(after_second)
+    with pytest.raises(ValueError, match="re-keying routed layers is not supported"):
+        routed.rekey(second.state, REQUESTS[:2])

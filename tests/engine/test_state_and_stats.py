@@ -210,6 +210,20 @@ def test_hyperparameters_load_from_file_and_reject_unknown_keys(tmp_path):
         EditHyperParams(layers=(1,), plan_chunk_requests=0)
 
 
+def test_layer_groups_load_from_file_and_must_make_up_the_layers(tmp_path):
+    path = tmp_path / "h.toml"
+    path.write_text("layers = [2, 3, 4, 5]\nlayer_groups = [[2, 4], [3, 5]]\n")
+    hp = EditHyperParams.from_file(path)
+    assert hp.layer_groups == ((2, 4), (3, 5))
+    assert [hp.layers_of_batch(step) for step in range(3)] == [(2, 4), (3, 5), (2, 4)]
+    assert EditHyperParams.from_dict(json.loads(json.dumps(hp.to_dict()))) == hp
+    assert EditHyperParams(layers=(2, 3)).layers_of_batch(7) == (2, 3)
+    with pytest.raises(ValueError, match=r"layer_groups \[\[2, 4\]\] must together be the layers \[2, 3, 4, 5\]"):
+        hp.with_changes(layer_groups=[[2, 4]])
+    with pytest.raises(ValueError, match=r"each of layer_groups must be a non-empty increasing list, got \[4, 2\]"):
+        hp.with_changes(layer_groups=[[4, 2], [3, 5]])
+
+
 def test_a_variant_file_extends_its_base_key_by_key(tmp_path):
     (tmp_path / "base.toml").write_text(
         'layers = [2, 3]\nmethod = "metake"\n[outer]\ngamma = 200.0\nsteps = 7\n[solver]\nalpha = 5.0\n'
@@ -325,6 +339,7 @@ def test_an_architecture_outside_the_table_loads_through_the_hparams_file(tmp_pa
         ({"solver": {"mom2_weight": 10.0}}, "mom2_weight 15000.0 -> 10.0"),
         ({"solver": {"null_space_c0_weight": 5.0}}, "null_space_c0_weight \\(unset\\) -> 5.0"),
         ({"layers": [1, 3]}, "state edits layers \\[1, 2\\], the settings say \\[1, 3\\]"),
+        ({"layer_groups": [[1], [2]]}, "layer_groups \\(unset\\) -> \\[\\[1\\], \\[2\\]\\]"),
     ],
 )
 def test_a_state_refuses_to_continue_under_other_settings(tiny_dirs, changes, message):
