@@ -105,7 +105,8 @@ class EditorState:
             else self.constraints[layer]
             for layer in self.layers
         }
-        new_projected = dict(self.projected)
+        # a layer the batch edited keeps ``P C_prev P`` only if given (else it would be stale)
+        new_projected = {layer: kept for layer, kept in self.projected.items() if layer not in added}
         new_projected.update({layer: before + more.to(before) for layer, (before, more) in (projected or {}).items()})
         return EditorState(
             self.model_identity,

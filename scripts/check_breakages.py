@@ -150,6 +150,13 @@ BREAKAGES = (
         "the spectral cap is a share of the edited weights' largest singular value instead of W0's",
     ),
     Breakage(
+        "layer-groups-ignored",
+        "engine/editor.py",
+        "layers = hp.layers_of_batch(state.steps)",
+        "layers = hp.layers",
+        "every batch edits every layer, whatever group it is routed to",
+    ),
+    Breakage(
         "spectral-cap-base-dropped",
         "engine/state.py",
         "            new_projected,\n            self.base,\n",
