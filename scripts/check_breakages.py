@@ -47,8 +47,8 @@ BREAKAGES = (
     Breakage(
         "c-prev-replaced",
         "engine/state.py",
-        "layer: self.constraints[layer] + added[layer].to(self.constraints[layer]) for layer in self.layers",
-        "layer: added[layer].to(self.constraints[layer]) for layer in self.layers",
+        "layer: self.constraints[layer] + added[layer].to(self.constraints[layer])\n",
+        "layer: added[layer].to(self.constraints[layer])\n",
         "C_prev holds only the last batch's K K^T instead of the sum over all batches",
     ),
     Breakage(
@@ -110,15 +110,15 @@ BREAKAGES = (
     Breakage(
         "solve-ignores-c-prev",
         "engine/solver.py",
-        "return Constraint.factorise(projector, projected.double() + hparams.solver.alpha * eye)",
-        "return Constraint.factorise(projector, hparams.solver.alpha * eye)",
+        "system = projected.double() + hparams.solver.alpha * eye",
+        "system = hparams.solver.alpha * eye",
         "AlphaEdit's solve forgets the accumulated constraint (earlier edits unprotected)",
     ),
     Breakage(
         "projected-not-accumulated",
         "engine/state.py",
-        "new_projected = {layer: before + more.to(before) for layer, (before, more) in (projected or {}).items()}",
-        "new_projected = {layer: before for layer, (before, more) in (projected or {}).items()}",
+        "{layer: before + more.to(before) for layer, (before, more) in (projected or {}).items()}",
+        "{layer: before for layer, (before, more) in (projected or {}).items()}",
         "the state's P C_prev P stops following C_prev (the solve forgets later edits)",
     ),
     Breakage(
