@@ -137,12 +137,12 @@ class EditHyperParams:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.plan_dtype not in PLAN_DTYPES:
             raise ValueError(f"unknown plan_dtype {self.plan_dtype!r}; choose one of {', '.join(PLAN_DTYPES)}")
-        if not self.layers or list(self.layers) != sorted(set(self.layers)):
+        if not _is_increasing(self.layers):
             raise ValueError(f"layers must be a non-empty increasing list, got {list(self.layers)}")
         if self.plan_chunk_requests < 1:
             raise ValueError(f"plan_chunk_requests must be at least 1, got {self.plan_chunk_requests}")
         for group in self.layer_groups:
-            if not group or list(group) != sorted(set(group)):
+            if not _is_increasing(group):
                 raise ValueError(f"each of layer_groups must be a non-empty increasing list, got {list(group)}")
         if self.layer_groups and sorted({x for g in self.layer_groups for x in g}) != list(self.layers):
             groups = [list(g) for g in self.layer_groups]
@@ -230,6 +230,11 @@ class EditHyperParams:
 
 
 EXTENDS_KEY = "extends"
+
+
+def _is_increasing(layers: tuple[int, ...]) -> bool:
+    """Non-empty, strictly increasing: a list of layers to edit."""
+    return bool(layers) and list(layers) == sorted(set(layers))
 
 
 def _read_layered(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
