@@ -40,6 +40,8 @@ FIGURES = {
         ("lifelong-train2000-full-metake.jsonl", "metake", "metake, uncapped"),
         ("lifelong-train2000-cap-alphaedit.jsonl", "alphaedit", "alphaedit, cap 0.75"),
         ("lifelong-train2000-full-alphaedit.jsonl", "alphaedit", "alphaedit, uncapped"),
+        ("lifelong-train2000-cap-memit.jsonl", "memit", "memit, cap 0.5"),
+        ("lifelong-train2000-full-memit.jsonl", "memit", "memit, uncapped"),
         ("lifelong-train2000-cap-metake.jsonl", "unedited", "unedited"),
     ),
 }
