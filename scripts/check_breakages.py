@@ -28,6 +28,10 @@ class Breakage:
     new: str
     why: str
 
+    def applies_to(self, text: str) -> bool:
+        """Its text is in ``text`` exactly once, so the breakage changes what it names and nothing else."""
+        return text.count(self.old) == 1
+
 
 BREAKAGES = (
     Breakage(
@@ -220,7 +224,7 @@ def main(names: list[str]) -> int:
             shutil.copytree(pristine, copy)
             target = copy / breakage.path
             text = target.read_text()
-            if text.count(breakage.old) != 1:
+            if not breakage.applies_to(text):
                 print(f"{breakage.name}: the text to break is not in {breakage.path} exactly once", file=sys.stderr)
                 return 2
             target.write_text(text.replace(breakage.old, breakage.new))
