@@ -270,17 +270,19 @@ class Editor:
 
         gain = operator_last @ keys_last.double()
         realised = delta.double().T @ gain
-        close_exactly = outer_on and hp.outer.spread_virtual_target
-        targets = h + realised.T.to(h.dtype) if close_exactly else h + delta
+        virtual_target = outer_on and hp.outer.spread_virtual_target
+        targets = h + realised.T.to(h.dtype) if virtual_target else h + delta
+        even = hp.solver.spread == "even"
         added: dict[int, torch.Tensor] = {}
         added_projected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, layer in enumerate(layers):
             keys, current = self._keys_and_outputs(encoded, layer, last)
             operator = update_operator(keys, constraints[layer])
-            if close_exactly and layer == last:
-                residual = gap_closing_residual((targets - current).T, operator @ keys.double())
+            share = (targets - current).T / (len(layers) - i)
+            if even or (virtual_target and layer == last):
+                residual = gap_closing_residual(share, operator @ keys.double())
             else:
-                residual = (targets - current).T / (len(layers) - i)
+                residual = share
             change = weight_change(residual, operator)
             weight = edited_weight(lm.model, lm.spec, layer)
             with torch.no_grad():
@@ -470,7 +472,7 @@ def gap_closing_residual(gap: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     key, so their gaps can only be met on average)."""
     residual = gap.double() @ torch.linalg.pinv(gain, rtol=1e-6)
     if not torch.isfinite(residual).all():
-        raise SolveFailed("the last layer's gap-closing residual has NaN or infinite values")
+        raise SolveFailed("a layer's gap-closing residual has NaN or infinite values")
     return residual
 
 

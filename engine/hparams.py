@@ -17,6 +17,7 @@ from engine.architecture import FAMILY_OF_MODEL_TYPE, ArchitectureSpec
 from engine.methods import METHODS, Method
 
 PLAN_DTYPES = ("float32", "bfloat16")
+SPREADS = ("remainder", "even")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,14 @@ class SolverParams:
     """Projector methods: weight of ``P C0 P`` in the constraint, a price on the preserved keys'
     energy that the projector lets through (its eigenvalues below the threshold). 0 is AlphaEdit's
     hard projection alone."""
+    spread: str = "remainder"
+    """How a batch's target is shared over the edited layers, lowest first, each asked for
+    ``1 / (layers left)`` of the gap still open. ``remainder`` (MEMIT's): a layer is asked for its
+    share and realises its gain's part of it, and what it does not realise is left to the layers
+    above, so the last layer takes most of the change. ``even``: each layer's residual is solved
+    through its own gain (as the last layer's is under ``[outer] spread_virtual_target``), so that
+    it realises its share at the batch's keys and the change is shared evenly; the last layer
+    closes the gap."""
     spectral_cap: float = 0.0
     """After every batch, cap each singular value of an edited layer's accumulated change
     ``W - W0`` at this share of ``W0``'s largest singular value (0: off). A restraint of the
@@ -139,6 +148,8 @@ class EditHyperParams:
             raise ValueError(f"unknown plan_dtype {self.plan_dtype!r}; choose one of {', '.join(PLAN_DTYPES)}")
         if not _is_increasing(self.layers):
             raise ValueError(f"layers must be a non-empty increasing list, got {list(self.layers)}")
+        if self.solver.spread not in SPREADS:
+            raise ValueError(f"unknown [solver] spread {self.solver.spread!r}; choose one of {', '.join(SPREADS)}")
         if self.plan_chunk_requests < 1:
             raise ValueError(f"plan_chunk_requests must be at least 1, got {self.plan_chunk_requests}")
         for group in self.layer_groups:

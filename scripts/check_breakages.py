@@ -58,16 +58,23 @@ BREAKAGES = (
     Breakage(
         "spread-plan-not-virtual-target",
         "engine/editor.py",
-        "targets = h + realised.T.to(h.dtype) if close_exactly else h + delta",
+        "targets = h + realised.T.to(h.dtype) if virtual_target else h + delta",
         "targets = h + delta",
         "spread_virtual_target spreads the plan h + delta instead of its virtual realisation h + G delta",
     ),
     Breakage(
         "last-layer-gap-not-closed",
         "engine/editor.py",
-        "if close_exactly and layer == last:",
-        "if False:",
+        "if even or (virtual_target and layer == last):",
+        "if even:",
         "spread_virtual_target's last layer takes its share of the gap instead of closing it exactly",
+    ),
+    Breakage(
+        "even-spread-share-not-solved",
+        "engine/editor.py",
+        'even = hp.solver.spread == "even"',
+        "even = False",
+        "spread = even asks each layer for its share instead of solving it through the layer's gain",
     ),
     Breakage(
         "rekey-drops-last-chunk",
@@ -107,8 +114,8 @@ BREAKAGES = (
     Breakage(
         "residual-undivided",
         "engine/editor.py",
-        "residual = (targets - current).T / (len(layers) - i)",
-        "residual = (targets - current).T",
+        "share = (targets - current).T / (len(layers) - i)",
+        "share = (targets - current).T",
         "the residual is not divided by the number of layers left",
     ),
     Breakage(

@@ -202,6 +202,23 @@ def test_residual_is_split_over_the_layers_left(tiny, tiny_dirs, monkeypatch):
     assert solves[-1][0][0].norm() > first_residual.norm() * 0.5
 
 
+def test_even_spread_has_every_layer_realise_its_share_at_the_keys(tiny, tiny_dirs, monkeypatch):
+    """Catches, with ``[solver] spread = "even"``: a layer's residual not solved through its own
+    gain, so that the first layer realises only its gain's part of its share ``delta / L`` (the
+    remainder spread) and leaves the rest to the layers above."""
+    hparams = biting_hparams(tiny_dirs["corpus"], tiny.model_type, "alphaedit", solver={"spread": "even"})
+    editor = Editor(tiny, hparams)
+    state = editor.new_state()
+    keys = first_layer_keys(editor, encode(editor, REQUESTS[:2], state))
+    plans = spy(monkeypatch, engine.editor, "optimise_plan")
+    solves = spy(monkeypatch, engine.editor, "weight_change")
+    editor.apply(REQUESTS[:2], state)
+    share = plans[0][2].delta.double().cpu().T / len(hparams.layers)
+    residual, change = solves[0][0][0].double().cpu(), solves[0][2].double().cpu()
+    assert float((residual - share).norm()) > 0.2 * float(share.norm()), "the constraints must bite"
+    torch.testing.assert_close(change @ keys, share, atol=2e-3 * float(share.norm()), rtol=1e-3)
+
+
 def bare_output(editor: Editor, item: EncodedRequest, layer: int) -> torch.Tensor:
     """Block ``layer``'s output at the subject's last token of the request's bare prompt (``h``)."""
     lm = editor.loaded

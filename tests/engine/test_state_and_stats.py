@@ -206,6 +206,9 @@ def test_hyperparameters_load_from_file_and_reject_unknown_keys(tmp_path):
         EditHyperParams(layers=(1,), method="rome")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown plan_dtype 'float8'; choose one of float32, bfloat16"):
         EditHyperParams(layers=(1,), plan_dtype="float8")
+    path.write_text('layers = [2]\n[solver]\nspread = "last"\n')
+    with pytest.raises(ValueError, match=r"unknown \[solver\] spread 'last'; choose one of remainder, even"):
+        EditHyperParams.from_file(path)
     with pytest.raises(ValueError, match="plan_chunk_requests must be at least 1, got 0"):
         EditHyperParams(layers=(1,), plan_chunk_requests=0)
 
