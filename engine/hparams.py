@@ -142,14 +142,11 @@ class EditHyperParams:
     gradients of a batch's chunks before each step: memory bounded by a chunk, the same plan."""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.plan_dtype not in PLAN_DTYPES:
-            raise ValueError(f"unknown plan_dtype {self.plan_dtype!r}; choose one of {', '.join(PLAN_DTYPES)}")
+        _require_one_of("method", self.method, METHODS)
+        _require_one_of("plan_dtype", self.plan_dtype, PLAN_DTYPES)
         if not _is_increasing(self.layers):
             raise ValueError(f"layers must be a non-empty increasing list, got {list(self.layers)}")
-        if self.solver.spread not in SPREADS:
-            raise ValueError(f"unknown [solver] spread {self.solver.spread!r}; choose one of {', '.join(SPREADS)}")
+        _require_one_of("[solver] spread", self.solver.spread, SPREADS)
         if self.plan_chunk_requests < 1:
             raise ValueError(f"plan_chunk_requests must be at least 1, got {self.plan_chunk_requests}")
         for group in self.layer_groups:
@@ -241,6 +238,11 @@ class EditHyperParams:
 
 
 EXTENDS_KEY = "extends"
+
+
+def _require_one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
 
 
 def _is_increasing(layers: tuple[int, ...]) -> bool:
