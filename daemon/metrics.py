@@ -21,6 +21,8 @@ def engine_metrics(diagnostics: RequestDiagnostics) -> dict[str, float]:
         "realised_norm": diagnostics.realised_norm,
         "upstream_steps": float(diagnostics.upstream_steps),
         "outer_steps": float(diagnostics.outer_steps),
+        "passes": float(diagnostics.passes),
+        "says": float(diagnostics.says),
     }
 
 

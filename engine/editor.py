@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,7 +35,7 @@ from engine.planning import (
 )
 from engine.projector import Projector, pinned_directions, projector_for
 from engine.requests import EditRequest, RequestRejected, check_request, make_batch
-from engine.scoring import FactScores, fact_scores
+from engine.scoring import FactScores, fact_scores, targets_said
 from engine.solver import (
     SolveFailed,
     cap_singular_values,
@@ -70,6 +71,10 @@ class RequestDiagnostics:
     pre: FactScores
     """How the model answered the request's prompts before the batch."""
     post: FactScores
+    passes: int = 1
+    """Plans and solves the request took (``max_passes``); the figures above are the first's."""
+    says: bool = False
+    """After the batch, greedy decoding from the bare prompt begins with the target."""
 
 
 @dataclass
@@ -82,8 +87,38 @@ class EditOutcome:
     """``||dW||_F`` per layer."""
     relative_weight_change: dict[int, float] = field(default_factory=dict)
     restrained: dict[int, float] = field(default_factory=dict)
-    """With ``[solver] spectral_cap``: per layer, the share of ``||W - W0||`` the cap removed."""
+    """With ``[solver] spectral_cap``: per layer, the share of ``||W - W0||`` the cap removed (the
+    largest over the batch's passes)."""
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Laps:
+    """Seconds per phase of one batch, added up over its passes."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    clock: float = field(default_factory=time.perf_counter)
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.clock
+        self.clock = now
+
+    def total(self) -> dict[str, float]:
+        return {**self.seconds, "total": sum(self.seconds.values())}
+
+
+@dataclass
+class _Pass:
+    """What one plan and solve of a batch wrote: per layer ``K K^T`` (and ``(P C_prev P, (P K)(P K)^T)``
+    for the projector methods) for the state, ``dW``, the share the cap removed, and per request
+    the plan's figures for :class:`RequestDiagnostics`."""
+
+    added: dict[int, torch.Tensor] = field(default_factory=dict)
+    added_projected: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    changes: dict[int, torch.Tensor] = field(default_factory=dict)
+    restrained: dict[int, float] = field(default_factory=dict)
+    figures: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Editor:
@@ -131,6 +166,7 @@ class Editor:
             "nullspace_relative": str(solver.nullspace_relative).lower(),
             # Only when set, so that states saved before the setting existed still continue.
             **({"null_space_c0_weight": repr(solver.null_space_c0_weight)} if solver.null_space_c0_weight else {}),
+            **({"accumulated_weight": repr(solver.accumulated_weight)} if solver.accumulated_weight != 1.0 else {}),
             **({"layer_groups": json.dumps(groups)} if groups else {}),
         }
 
@@ -198,23 +234,59 @@ class Editor:
         return outcome
 
     def _apply(self, encoded: list[EncodedRequest], state: EditorState, outcome: EditOutcome) -> None:
+        """Pass after pass over the requests the model does not say yet (``max_passes``), one
+        step of the state in all: each pass adds its keys to ``C_prev`` and counts no new edit."""
         hp = self.hparams
         lm = self.loaded
         layers = hp.layers_of_batch(state.steps)
-        last = layers[-1]
-        clock = time.perf_counter()
-        seconds: dict[str, float] = {}
-
-        def lap(name: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            seconds[name] = seconds.get(name, 0.0) + now - clock
-            clock = now
-
+        laps = _Laps()
         requests = [e.request for e in encoded]
         pre = fact_scores(lm.model, lm.tokenizer, requests)
-        lap("scoring")
+        laps.lap("scoring")
 
+        u = len(encoded)
+        current, batch, pending = state, encoded, list(range(u))
+        passes = [0] * u
+        first: _Pass | None = None
+        changes: dict[int, torch.Tensor] = {}
+        while True:
+            done = self._pass(batch, current, layers, laps)
+            first = first or done
+            for layer, change in done.changes.items():
+                changes[layer] = changes[layer] + change if layer in changes else change
+            for layer, share in done.restrained.items():
+                outcome.restrained[layer] = max(outcome.restrained.get(layer, 0.0), share)
+            current = current.after_batch(done.added, 0, done.added_projected)
+            for i in pending:
+                passes[i] += 1
+            said = targets_said(lm.model, lm.tokenizer, requests)
+            laps.lap("scoring")
+            pending = [i for i in range(u) if not said[i] and passes[i] < hp.max_passes]
+            if not pending:
+                break
+            batch = [self._encode(requests[i], state, j) for j, i in enumerate(pending)]
+
+        for layer, change in changes.items():
+            weight = edited_weight(lm.model, lm.spec, layer)
+            outcome.weight_change[layer] = float(change.norm())
+            outcome.relative_weight_change[layer] = float(change.norm() / (weight.double().norm() + 1e-12))
+        post = fact_scores(lm.model, lm.tokenizer, requests)
+        laps.lap("scoring")
+        assert first is not None
+        for r, item in enumerate(encoded):
+            outcome.applied.append(
+                RequestDiagnostics(
+                    key=item.request.key, **first.figures[r], pre=pre[r], post=post[r], passes=passes[r], says=said[r]
+                )
+            )
+        outcome.state = dataclasses.replace(current, steps=state.steps + 1, edits=state.edits + u)
+        outcome.seconds = laps.total()
+
+    def _pass(self, encoded: list[EncodedRequest], state: EditorState, layers: tuple[int, ...], laps: _Laps) -> _Pass:
+        """One plan and constrained solve of ``encoded`` on the model as it is, written into the weights."""
+        hp = self.hparams
+        lm = self.loaded
+        last = layers[-1]
         chunks = plan_chunks(lm, encoded, [], hp.plan_chunk_requests)
         h = subject_outputs(lm, chunks, last)
         u = len(encoded)
@@ -232,7 +304,7 @@ class Editor:
         }
         keys_last, _ = self._keys_and_outputs(encoded, last, last)
         operator_last = update_operator(keys_last, constraints[last])
-        lap("plan_setup")
+        laps.lap("plan_setup")
 
         outer_on = hp.method == "metake" and hp.outer.steps > 0
         delta = torch.zeros_like(h)
@@ -255,7 +327,7 @@ class Editor:
                 compute_dtype=self._plan_dtype,
             )
             delta, upstream_steps = upstream.delta, upstream.steps
-            lap("upstream")
+            laps.lap("upstream")
 
         outer_steps = [0] * u
         if outer_on:
@@ -264,7 +336,7 @@ class Editor:
             if hp.outer.cache_prefix:
                 outer_chunks = [pb.with_prefix_cache(lm) for pb in outer_chunks]
             delta, outer_steps = self._outer_loop(outer_chunks, delta, h, operator_last, last)
-            lap("outer")
+            laps.lap("outer")
         if not torch.isfinite(delta).all():
             raise EditFailed("the planned target has NaN or infinite values")
 
@@ -273,8 +345,7 @@ class Editor:
         virtual_target = outer_on and hp.outer.spread_virtual_target
         targets = h + realised.T.to(h.dtype) if virtual_target else h + delta
         even = hp.solver.spread == "even"
-        added: dict[int, torch.Tensor] = {}
-        added_projected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        done = _Pass()
         for i, layer in enumerate(layers):
             keys, current = self._keys_and_outputs(encoded, layer, last)
             operator = update_operator(keys, constraints[layer])
@@ -289,37 +360,27 @@ class Editor:
                 weight.add_(as_out_in(change, lm.spec).to(weight.dtype))
             if not torch.isfinite(weight).all():
                 raise EditFailed(f"layer {layer} has non-finite weights after the update")
-            added[layer] = keys.double() @ keys.double().T
+            done.added[layer] = keys.double() @ keys.double().T
             if layer in projected:
                 seen = projected_keys(keys, constraints[layer])
-                added_projected[layer] = (projected[layer], seen @ seen.T)
-            outcome.weight_change[layer] = float(change.norm())
-            outcome.relative_weight_change[layer] = float(change.norm() / (weight.double().norm() + 1e-12))
-        lap("solve")
+                done.added_projected[layer] = (projected[layer], seen @ seen.T)
+            done.changes[layer] = change
+        laps.lap("solve")
         if hp.solver.spectral_cap:
-            outcome.restrained = self._restrain(state, layers)
-            lap("restrain")
-
-        post = fact_scores(lm.model, lm.tokenizer, requests)
-        lap("scoring")
-
-        for r, item in enumerate(encoded):
-            outcome.applied.append(
-                RequestDiagnostics(
-                    key=item.request.key,
-                    planned_norm=float(delta[r].norm()),
-                    plan_ratio=float(delta[r].norm() / h[r].norm()),
-                    realised_gain=float(gain[r, r]),
-                    realised_norm=float(realised[:, r].norm()),
-                    upstream_steps=upstream_steps[r],
-                    outer_steps=outer_steps[r],
-                    pre=pre[r],
-                    post=post[r],
-                )
-            )
-        outcome.state = state.after_batch(added, u, added_projected)
-        seconds["total"] = sum(seconds.values())
-        outcome.seconds = seconds
+            done.restrained = self._restrain(state, layers)
+            laps.lap("restrain")
+        done.figures = [
+            {
+                "planned_norm": float(delta[r].norm()),
+                "plan_ratio": float(delta[r].norm() / h[r].norm()),
+                "realised_gain": float(gain[r, r]),
+                "realised_norm": float(realised[:, r].norm()),
+                "upstream_steps": upstream_steps[r],
+                "outer_steps": outer_steps[r],
+            }
+            for r in range(u)
+        ]
+        return done
 
     def _restrain(self, state: EditorState, layers: tuple[int, ...]) -> dict[int, float]:
         """Cap the singular values of the accumulated change ``W - W0`` of each of ``layers`` (the
@@ -348,12 +409,12 @@ class Editor:
         """Per layer, the share of its room for edits that ``state``'s corrections have pinned.
 
         The room is the projector's kept directions (all ``d_k`` for MEMIT, which has none); a
-        direction is pinned when the protected constraint (``P C_prev P``, MEMIT's ``C_prev``)
-        weighs it more than the ridge ``alpha``. Near 1, a layer has no free direction left and
+        direction is pinned when the protected constraint (``P C_prev P``, MEMIT's ``C_prev``, times
+        ``accumulated_weight``) weighs it more than the ridge ``alpha``. Near 1, a layer has no free direction left and
         each new correction trades against the old ones."""
         self.check_state(state)
         projected = self._projected_constraints(state)
-        alpha = self.hparams.solver.alpha
+        alpha = self.hparams.solver.alpha / self.hparams.solver.accumulated_weight  # v C pins past alpha
         used = {}
         for layer in self.hparams.layers:
             constraint = projected.get(layer, state.constraints[layer])

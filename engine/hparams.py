@@ -54,6 +54,10 @@ class SolverParams:
     """Projector methods: weight of ``P C0 P`` in the constraint, a price on the preserved keys'
     energy that the projector lets through (its eigenvalues below the threshold). 0 is AlphaEdit's
     hard projection alone."""
+    accumulated_weight: float = 1.0
+    """Weight of ``C_prev``, the earlier corrections' keys, in the constraint (``M = w_prev C_prev
+    + ...``): above 1 an edit protects what earlier corrections wrote more than it fits its own
+    keys. 1 is the methods as published."""
     spread: str = "remainder"
     """How a batch's target is shared over the edited layers, lowest first, each asked for
     ``1 / (layers left)`` of the gap still open. ``remainder`` (MEMIT's): a layer is asked for its
@@ -137,6 +141,10 @@ class EditHyperParams:
     plan_dtype: str = "float32"
     """Precision of the planning steps' forward passes (``float32`` or ``bfloat16`` under autocast);
     the weights, the statistics and the solve keep their own precision."""
+    max_passes: int = 1
+    """Plan and solve again, within the batch, the requests whose target the model does not say
+    after a pass (greedy decoding from the bare prompt does not begin with it), up to this many
+    passes in all; each pass adds its keys to ``C_prev``. 1: the methods as published."""
     plan_chunk_requests: int = 64
     """Planning runs at most this many requests' prompts in one forward pass and adds up the
     gradients of a batch's chunks before each step: memory bounded by a chunk, the same plan."""
@@ -147,6 +155,10 @@ class EditHyperParams:
         if not _is_increasing(self.layers):
             raise ValueError(f"layers must be a non-empty increasing list, got {list(self.layers)}")
         _require_one_of("[solver] spread", self.solver.spread, SPREADS)
+        if not self.solver.accumulated_weight > 0:
+            raise ValueError(f"[solver] accumulated_weight must be positive, got {self.solver.accumulated_weight}")
+        if self.max_passes < 1:
+            raise ValueError(f"max_passes must be at least 1, got {self.max_passes}")
         if self.plan_chunk_requests < 1:
             raise ValueError(f"plan_chunk_requests must be at least 1, got {self.plan_chunk_requests}")
         for group in self.layer_groups:

@@ -93,6 +93,25 @@ def completion_scores(
     return [sum(x) for x in completion_logprobs(model, tokenizer, prompts, completions, batch_size)]
 
 
+@torch.no_grad()
+def targets_said(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest], batch_size: int = 32
+) -> list[bool]:
+    """Per request: does greedy decoding from its prompt begin with its target, i.e. is every target
+    token the most likely next token after the prompt and the target tokens before it? (Exact, with
+    no normalisation: the strict form of ``gen_efficacy``'s hit.)"""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    said: list[bool] = []
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start : start + batch_size]
+        rows = [Row(tokenizer(r.text).input_ids, target=encode_target(tokenizer, r.text, r.target)) for r in chunk]
+        batch = make_batch(rows, pad, device)
+        at_targets = logits_at(model, batch, batch.target_rows, batch.target_positions)
+        said += targets_are_top(at_targets, batch).tolist()
+    return said
+
+
 HOLDS_WITHOUT_ORIGINAL = 0.5
 """Without a known original answer, a fact holds when P(target | prompt) is above this."""
 

@@ -4,13 +4,14 @@ All three methods change a layer by ``dW = R B`` with the operator
 
     B = K^T P ((K K^T + M) P + r I)^-1                      (u x d_k)
 
-    AlphaEdit / MetaKE:  P = null-space projector of C0,  M = C_prev + w C0,       r = alpha
-    MEMIT:               P = I,                            M = lambda C0 + C_prev,  r = 0
+    AlphaEdit / MetaKE:  P = null-space projector of C0,  M = v C_prev + w C0,       r = alpha
+    MEMIT:               P = I,                            M = lambda C0 + v C_prev,  r = 0
 
 so that a comparison between them changes nothing but these three inputs. ``w`` (``[solver]
 null_space_c0_weight``, 0 in AlphaEdit) prices what remains of ``C0`` inside the projector's
-range. ``G = B K`` is the share of the planned residual that the constraints let through (the
-realised gain).
+range; ``v`` (``[solver] accumulated_weight``, 1 in both papers) weighs the earlier corrections.
+``G = B K`` is the share of the planned residual that the constraints let through (the realised
+gain).
 
 It is solved in an equivalent symmetric form. The solution of ``(P (K K^T + M) + r I) y = P K``
 lies in the range of ``P`` (``r y = P (K - ...)``), so it also solves
@@ -67,12 +68,13 @@ def layer_constraint(
     """The constraint of one layer from ``C0``, its projector, ``C_prev`` and ``P C_prev P``
     (computed from ``C_prev`` when the state does not carry it), and ``P C0 P`` when
     ``null_space_c0_weight`` is set (computed when not given)."""
+    prev = hparams.solver.accumulated_weight
     if hparams.method == "memit":
-        return Constraint.factorise(None, hparams.solver.mom2_weight * c0_mean.double() + accumulated.double())
+        return Constraint.factorise(None, hparams.solver.mom2_weight * c0_mean.double() + prev * accumulated.double())
     if projected is None:
         projected = project_constraint(projector, accumulated)
     eye = torch.eye(projector.shape[0], dtype=torch.float64, device=projector.device)
-    system = projected.double() + hparams.solver.alpha * eye
+    system = prev * projected.double() + hparams.solver.alpha * eye
     weight = hparams.solver.null_space_c0_weight
     if weight:
         system = system + weight * (project_constraint(projector, c0_mean) if projected_c0 is None else projected_c0)

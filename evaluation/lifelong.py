@@ -42,6 +42,7 @@ from evaluation.metrics import (
     RecordScores,
     counterfact_metrics,
     fluency,
+    generation_hits,
     generation_metrics,
     perplexity,
     score_records,
@@ -56,6 +57,9 @@ NEIGHBOURHOOD_SET = 100
 PLOTTED = {
     "retention": "retention of earlier corrections (%)",
     "retention_first": "retention of the first 100 corrections (%)",
+    "retention_says": "earlier corrections the model says (greedy, %)",
+    "retention_first_says": "first 100 corrections the model says (greedy, %)",
+    "said_at_edit": "corrections of the window said right after their batch (%)",
     "window_efficacy": "efficacy of the last window (%)",
     "window_generalisation": "generalisation of the last window (%)",
     "window_gen_efficacy": "generation-based efficacy of the last window (%)",
@@ -230,6 +234,7 @@ def _window(loaded: LoadedModel, editor: Editor, run: _Run, stream: _Stream, bar
     gains: list[float] = []
     planned: list[float] = []
     subjects: list[float] = []
+    said: list[bool] = []
     while True:
         batch = stream.records[run.done : run.done + stream.batch_size]
         began = time.perf_counter()
@@ -241,6 +246,7 @@ def _window(loaded: LoadedModel, editor: Editor, run: _Run, stream: _Stream, bar
             gains += [d.realised_gain for d in outcome.applied]
             planned += [d.planned_norm for d in outcome.applied]
             subjects += [d.planned_norm / d.plan_ratio for d in outcome.applied if d.plan_ratio > 0]
+            said += [d.says for d in outcome.applied]
         except EditFailed:  # counted as not retained: the records stay unedited
             run.failed += list(range(run.done, run.done + len(batch)))
         seconds.append((time.perf_counter() - began) / len(batch))
@@ -253,6 +259,7 @@ def _window(loaded: LoadedModel, editor: Editor, run: _Run, stream: _Stream, bar
         "median_gain": statistics.median(gains) if gains else None,
         "median_plan_norm": statistics.median(planned) if planned else None,
         "median_subject_norm": statistics.median(subjects) if subjects else None,
+        "said_at_edit": 100.0 * sum(said) / len(said) if said else None,
         "s_per_edit": statistics.median(seconds),
     }
 
@@ -264,6 +271,8 @@ def _measure(loaded: LoadedModel, editor: Editor, state: EditorState, done: int,
     earlier = [stream.records[i] for i in stream.sample if i < done]
     earlier_scores = score_records(model, tokenizer, earlier, ("rewrite",)) if earlier else []
     first = earlier_scores[: min(done, RETENTION_FIRST)]
+    said = generation_hits(model, tokenizer, earlier, ("rewrite",))["rewrite"] if earlier else []
+    said_first = said[: min(done, RETENTION_FIRST)]
     window = stream.records[max(0, done - stream.eval_every) : done]
     window_metrics = counterfact_metrics(score_records(model, tokenizer, window, ("rewrite", "paraphrase")))
     growth = {str(layer): value for layer, value in weight_growth(loaded, stream.base, editor.hparams.layers).items()}
@@ -277,6 +286,8 @@ def _measure(loaded: LoadedModel, editor: Editor, state: EditorState, done: int,
     return {
         "retention": counterfact_metrics(earlier_scores)["efficacy"] if earlier else None,
         "retention_first": counterfact_metrics(first)["efficacy"] if first else None,
+        "retention_says": 100.0 * sum(said) / len(said) if said else None,
+        "retention_first_says": 100.0 * sum(said_first) / len(said_first) if said_first else None,
         "retention_tested": len(earlier),
         "window_efficacy": window_metrics["efficacy"],
         "window_generalisation": window_metrics["generalisation"],
@@ -382,9 +393,12 @@ def draw_curves(points: list[dict[str, Any]], out: Path, keys: tuple[str, ...] =
 TABLE_COLUMNS = (
     ("retention", "retained %", "{:.1f}"),
     ("retention_first", "first 100 %", "{:.1f}"),
+    ("retention_says", "retained says %", "{:.1f}"),
+    ("retention_first_says", "first 100 says %", "{:.1f}"),
     ("window_efficacy", "eff %", "{:.0f}"),
     ("window_generalisation", "gen %", "{:.0f}"),
     ("window_gen_efficacy", "says %", "{:.0f}"),
+    ("said_at_edit", "said at edit %", "{:.0f}"),
     ("specificity", "spec %", "{:.0f}"),
     ("neighbour_shift", "nbr shift", "{:.3f}"),
     ("fluency", "fluency", "{:.1f}"),

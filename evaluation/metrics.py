@@ -116,15 +116,26 @@ def generation_metrics(
     continuation says their true answer (each only for the ``parts`` asked for). The teacher-forced
     figures only compare two answers' probabilities; these ask whether the model, left to itself,
     says the fact."""
+    hits = generation_hits(model, tokenizer, records, parts)
+    return {GENERATION_METRIC_OF[part]: 100.0 * sum(hits[part]) / len(records) for part in parts}
+
+
+def generation_hits(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[CounterFactRecord],
+    parts: tuple[str, ...] = PARTS,
+) -> dict[str, list[bool]]:
+    """Per part, per record: the hit :func:`generation_metrics` counts."""
     _check_parts(parts)
     prompts = [p for r in records for p in _prompts(r, parts)]
     texts = iter(generate_greedy(model, tokenizer, prompts, GENERATED_TOKENS))
-    hits = {part: 0 for part in parts}
+    hits: dict[str, list[bool]] = {part: [] for part in parts}
     for r in records:
         for part in parts:
             answer = r.target_true if part == "neighborhood" else r.target_new
-            hits[part] += says_answer(next(texts), answer)
-    return {GENERATION_METRIC_OF[part]: 100.0 * hits[part] / len(records) for part in parts}
+            hits[part].append(says_answer(next(texts), answer))
+    return hits
 
 
 def ngram_entropy(text: str, n: int) -> float:

@@ -121,7 +121,7 @@ BREAKAGES = (
     Breakage(
         "solve-ignores-c-prev",
         "engine/solver.py",
-        "system = projected.double() + hparams.solver.alpha * eye",
+        "system = prev * projected.double() + hparams.solver.alpha * eye",
         "system = hparams.solver.alpha * eye",
         "AlphaEdit's solve forgets the accumulated constraint (earlier edits unprotected)",
     ),
@@ -142,8 +142,8 @@ BREAKAGES = (
     Breakage(
         "realised-norm-is-planned",
         "engine/editor.py",
-        "realised_norm=float(realised[:, r].norm()),",
-        "realised_norm=float(delta[r].norm()),",
+        '"realised_norm": float(realised[:, r].norm()),',
+        '"realised_norm": float(delta[r].norm()),',
         "the realised-norm diagnostic reports the planned norm",
     ),
     Breakage(
@@ -174,6 +174,27 @@ BREAKAGES = (
         "            new_projected,\n            {},\n",
         "the state after a batch forgets W0, so the next capped edit cannot measure the accumulated change",
     ),
+    Breakage(
+        "unsaid-never-retried",
+        "engine/editor.py",
+        "pending = [i for i in range(u) if not said[i] and passes[i] < hp.max_passes]",
+        "pending = []",
+        "max_passes never plans again a request the model does not say after a pass",
+    ),
+    Breakage(
+        "retry-keys-left-out",
+        "engine/editor.py",
+        "current = current.after_batch(done.added, 0, done.added_projected)",
+        "current = current.after_batch(done.added, 0, done.added_projected) if first is done else current",
+        "a retry pass's keys are not added to C_prev",
+    ),
+    Breakage(
+        "said-first-token-only",
+        "engine/scoring.py",
+        "said += targets_are_top(at_targets, batch).tolist()",
+        "said += targets_are_top(at_targets, batch).tolist()[:1] + [True] * (len(chunk) - 1)",
+        "the says check reads only the first request of each chunk and calls the rest said",
+    ),
 )
 
 
@@ -194,10 +215,16 @@ def scratch_copy(destination: Path) -> None:
             shutil.copy2(source, target)
 
 
+REVIEW_TEST = "tests/engine/test_method.py::test_every_breakage_still_names_text_the_engine_has_exactly_once"
+"""Left out of the runs: a breakage removes its own text, which this test reports whatever the
+breakage does, so it would catch every breakage whose new text does not contain the old."""
+
+
 def run_tests(copy: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1"}
+    pytest_args = ["-q", "-x", "-m", "not slow", "-p", "no:cacheprovider", "--deselect", REVIEW_TEST, "tests/engine"]
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider", "tests/engine"],
+        [sys.executable, "-m", "pytest", *pytest_args],
         cwd=copy,
         env=env,
         capture_output=True,

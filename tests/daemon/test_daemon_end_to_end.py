@@ -79,6 +79,7 @@ def test_daemon_applies_reverts_and_exports_real_corrections(real: tuple[Metake,
         assert figures[("target_prob", "post")] > figures[("target_prob", "pre")]
         assert (figures[("efficacy", "pre")], figures[("efficacy", "post")]) == (0.0, 1.0), correction["subject"]
         assert {("paraphrase_target_prob", "pre"), ("neighbor_kept", "post"), ("realised_gain", "post")} <= set(figures)
+        assert figures[("passes", "post")] == 1.0 and figures[("says", "post")] in (0.0, 1.0)  # max_passes 1
     checkpoints = json.loads(metake.ok("checkpoints", "--json"))
     assert [(c["id"], c["parent_id"], c["manifest"]["corrections"]) for c in checkpoints] == [
         (1, None, []),

@@ -126,7 +126,8 @@ def test_singular_system_raises_solve_failed():
 )
 def test_symmetric_solve_equals_the_methods_closed_form(d, u, earlier, null, seed):
     """AlphaEdit/MetaKE (projector, C_prev accumulated as P C_prev P) and MEMIT (lambda C0 +
-    C_prev, no projector) give the direct formula's operator, for any keys and history."""
+    C_prev, no projector) give the direct formula's operator, for any keys and history, with
+    ``null_space_c0_weight`` and ``accumulated_weight`` too."""
     gen = torch.Generator().manual_seed(seed)
     basis = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
     kept = basis[:, : max(1, int(null * d))]
@@ -152,6 +153,15 @@ def test_symmetric_solve_equals_the_methods_closed_form(d, u, earlier, null, see
     got = update_operator(keys, layer_constraint(priced, c0, projector, c_prev))
     want = direct_operator(keys, projector, c_prev + 7.0 * c0, alphaedit.solver.alpha)
     assert torch.allclose(got, want, rtol=1e-8, atol=1e-10 * float(want.abs().max()) + 1e-14)
+    # a weight on the earlier corrections is M = v C_prev, for both kinds of method
+    for method, m, projected, ridge in (
+        (alphaedit, 3.0 * c_prev, projector, alphaedit.solver.alpha),
+        (memit, memit.solver.mom2_weight * c0 + 3.0 * c_prev, None, 0.0),
+    ):
+        weighted = method.with_changes(solver={"accumulated_weight": 3.0})
+        got = update_operator(keys, layer_constraint(weighted, c0, projector, c_prev))
+        want = direct_operator(keys, projected, m, ridge)
+        assert torch.allclose(got, want, rtol=1e-8, atol=1e-10 * float(want.abs().max()) + 1e-14)
 
 
 @settings(max_examples=25, deadline=None)

@@ -211,6 +211,11 @@ def test_hyperparameters_load_from_file_and_reject_unknown_keys(tmp_path):
         EditHyperParams.from_file(path)
     with pytest.raises(ValueError, match="plan_chunk_requests must be at least 1, got 0"):
         EditHyperParams(layers=(1,), plan_chunk_requests=0)
+    with pytest.raises(ValueError, match="max_passes must be at least 1, got 0"):
+        EditHyperParams(layers=(1,), max_passes=0)
+    path.write_text("layers = [2]\n[solver]\naccumulated_weight = 0.0\n")
+    with pytest.raises(ValueError, match=r"\[solver\] accumulated_weight must be positive, got 0.0"):
+        EditHyperParams.from_file(path)
 
 
 def test_layer_groups_load_from_file_and_must_make_up_the_layers(tmp_path):

@@ -350,6 +350,37 @@ def test_lifelong_points_measure_neighbour_shift_and_fluency_against_the_unedite
     assert plain[-1]["fluency"] is None and plain[-1]["neighbour_shift"] == points[-1]["neighbour_shift"]
 
 
+def test_lifelong_points_count_what_the_model_says_of_earlier_corrections_and_at_each_edit(
+    tiny_llama, tmp_path, monkeypatch
+):
+    """``retention_says`` / ``retention_first_says``: the share of the retention sample whose greedy
+    continuation says its target; ``said_at_edit``: the share of the window's corrections said right
+    after their batch (``RequestDiagnostics.says``). The tiny model says nothing, so both checks are
+    scripted: the figures must be the shares of what they answered."""
+    import engine.editor
+    import evaluation.lifelong
+    from evaluation.lifelong import points_table, run_lifelong
+
+    loaded = load_model(tiny_llama[0], device="cpu")
+    hp = EditHyperParams.from_file(tiny_llama[1]).with_changes(method="alphaedit")
+    records = load_counterfact(counterfact_file(tmp_path / "cf.json"), 4)
+    at_edit = iter([[True], [False], [True], [True]])
+    monkeypatch.setattr(engine.editor, "targets_said", lambda model, tokenizer, requests: next(at_edit))
+    sample_sizes = []
+
+    def hits(model: object, tokenizer: object, chosen: list, parts: tuple[str, ...]) -> dict[str, list[bool]]:
+        sample_sizes.append(len(chosen))
+        return {"rewrite": [i % 4 != 1 for i in range(len(chosen))]}
+
+    monkeypatch.setattr(evaluation.lifelong, "generation_hits", hits)
+    points = run_lifelong(loaded, {"alphaedit": hp}, records, 1, 4, tmp_path / "out", None, [], progress=False)
+    assert sample_sizes == [4]
+    assert points[-1]["retention_says"] == 75.0 and points[-1]["retention_first_says"] == 75.0
+    assert points[-1]["said_at_edit"] == 75.0
+    header = points_table(points, (4,)).splitlines()[0]
+    assert "| retained says % | first 100 says % |" in header and "| said at edit % |" in header
+
+
 def test_lifelong_resume_derives_the_refused_records_a_meta_from_before_their_tracking_lacks(tiny_llama, tmp_path):
     """The tokenizer merges record 2's subject ("Fran" of "France") with the text after it, so the
     editor refuses it; a resume meta without the ``failed`` list gets it back from the editor's
