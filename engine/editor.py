@@ -111,13 +111,15 @@ class _Laps:
 @dataclass
 class _Pass:
     """What one plan and solve of a batch wrote: per layer ``K K^T`` (and ``(P C_prev P, (P K)(P K)^T)``
-    for the projector methods) for the state, ``dW``, the share the cap removed, and per request
-    the plan's figures for :class:`RequestDiagnostics`."""
+    for the projector methods) for the state, ``dW``, the share the cap removed and ``||W||``, and per
+    request the plan's figures for :class:`RequestDiagnostics`."""
 
     added: dict[int, torch.Tensor] = field(default_factory=dict)
     added_projected: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     changes: dict[int, torch.Tensor] = field(default_factory=dict)
     restrained: dict[int, float] = field(default_factory=dict)
+    weight_norms: dict[int, float] = field(default_factory=dict)
+    """``||W||`` of each layer right after its update (before the cap)."""
     figures: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -267,9 +269,8 @@ class Editor:
             batch = [self._encode(requests[i], state, j) for j, i in enumerate(pending)]
 
         for layer, change in changes.items():
-            weight = edited_weight(lm.model, lm.spec, layer)
             outcome.weight_change[layer] = float(change.norm())
-            outcome.relative_weight_change[layer] = float(change.norm() / (weight.double().norm() + 1e-12))
+            outcome.relative_weight_change[layer] = float(change.norm() / (done.weight_norms[layer] + 1e-12))
         post = fact_scores(lm.model, lm.tokenizer, requests)
         laps.lap("scoring")
         assert first is not None
@@ -365,6 +366,7 @@ class Editor:
                 seen = projected_keys(keys, constraints[layer])
                 done.added_projected[layer] = (projected[layer], seen @ seen.T)
             done.changes[layer] = change
+            done.weight_norms[layer] = float(weight.double().norm())
         laps.lap("solve")
         if hp.solver.spectral_cap:
             done.restrained = self._restrain(state, layers)
@@ -410,8 +412,8 @@ class Editor:
 
         The room is the projector's kept directions (all ``d_k`` for MEMIT, which has none); a
         direction is pinned when the protected constraint (``P C_prev P``, MEMIT's ``C_prev``, times
-        ``accumulated_weight``) weighs it more than the ridge ``alpha``. Near 1, a layer has no free direction left and
-        each new correction trades against the old ones."""
+        ``accumulated_weight``) weighs it more than the ridge ``alpha``. Near 1, a layer has no free
+        direction left and each new correction trades against the old ones."""
         self.check_state(state)
         projected = self._projected_constraints(state)
         alpha = self.hparams.solver.alpha / self.hparams.solver.accumulated_weight  # v C pins past alpha

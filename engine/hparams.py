@@ -55,9 +55,9 @@ class SolverParams:
     energy that the projector lets through (its eigenvalues below the threshold). 0 is AlphaEdit's
     hard projection alone."""
     accumulated_weight: float = 1.0
-    """Weight of ``C_prev``, the earlier corrections' keys, in the constraint (``M = w_prev C_prev
-    + ...``): above 1 an edit protects what earlier corrections wrote more than it fits its own
-    keys. 1 is the methods as published."""
+    """Weight ``v`` of ``C_prev``, the earlier corrections' keys, in the constraint (``M = v C_prev
+    + ...``, ``engine.solver``): above 1 an edit protects what earlier corrections wrote more than
+    it fits its own keys. 1 is the methods as published."""
     spread: str = "remainder"
     """How a batch's target is shared over the edited layers, lowest first, each asked for
     ``1 / (layers left)`` of the gap still open. ``remainder`` (MEMIT's): a layer is asked for its

@@ -8,6 +8,7 @@ the output embedding at the selected positions keeps that cost proportional to w
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -59,6 +60,26 @@ def targets_are_top(at_targets: torch.Tensor, batch: TokenBatch, margin: float =
     return misses == 0
 
 
+def _completion_logits(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    completions: list[str],
+    batch_size: int,
+) -> Iterator[tuple[TokenBatch, torch.Tensor]]:
+    """Per chunk of ``batch_size`` prompts: the batch of each prompt followed by its completion
+    and the logits at the completion's tokens (no gradients)."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(prompts), batch_size):
+        chunk = zip(prompts[start : start + batch_size], completions[start : start + batch_size], strict=True)
+        rows = [Row(tokenizer(p).input_ids, target=encode_target(tokenizer, p, c)) for p, c in chunk]
+        batch = make_batch(rows, pad, device)
+        with torch.no_grad():
+            logits = logits_at(model, batch, batch.target_rows, batch.target_positions)
+        yield batch, logits
+
+
 @torch.no_grad()
 def completion_logprobs(
     model: PreTrainedModel,
@@ -68,17 +89,11 @@ def completion_logprobs(
     batch_size: int = 32,
 ) -> list[list[float]]:
     """Log-probability of each token of ``completions[i]`` after ``prompts[i]``."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[list[float]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(zip(prompts[start : start + batch_size], completions[start : start + batch_size], strict=True))
-        rows = [Row(tokenizer(p).input_ids, target=encode_target(tokenizer, p, c)) for p, c in chunk]
-        batch = make_batch(rows, pad, device)
-        at_targets = logits_at(model, batch, batch.target_rows, batch.target_positions)
+    for batch, at_targets in _completion_logits(model, tokenizer, prompts, completions, batch_size):
         logp = target_logprobs(at_targets, batch).cpu()
         rows_of = batch.target_rows.cpu()
-        out.extend(logp[rows_of == i].tolist() for i in range(len(chunk)))
+        out.extend(logp[rows_of == i].tolist() for i in range(batch.input_ids.shape[0]))
     return out
 
 
@@ -100,14 +115,9 @@ def targets_said(
     """Per request: does greedy decoding from its prompt begin with its target, i.e. is every target
     token the most likely next token after the prompt and the target tokens before it? (Exact, with
     no normalisation: the strict form of ``gen_efficacy``'s hit.)"""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    texts = [r.text for r in requests]
     said: list[bool] = []
-    for start in range(0, len(requests), batch_size):
-        chunk = requests[start : start + batch_size]
-        rows = [Row(tokenizer(r.text).input_ids, target=encode_target(tokenizer, r.text, r.target)) for r in chunk]
-        batch = make_batch(rows, pad, device)
-        at_targets = logits_at(model, batch, batch.target_rows, batch.target_positions)
+    for batch, at_targets in _completion_logits(model, tokenizer, texts, [r.target for r in requests], batch_size):
         said += targets_are_top(at_targets, batch).tolist()
     return said
 

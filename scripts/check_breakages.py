@@ -192,7 +192,7 @@ BREAKAGES = (
         "said-first-token-only",
         "engine/scoring.py",
         "said += targets_are_top(at_targets, batch).tolist()",
-        "said += targets_are_top(at_targets, batch).tolist()[:1] + [True] * (len(chunk) - 1)",
+        "said += targets_are_top(at_targets, batch).tolist()[:1] + [True] * (batch.input_ids.shape[0] - 1)",
         "the says check reads only the first request of each chunk and calls the rest said",
     ),
 )
