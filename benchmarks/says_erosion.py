@@ -5,12 +5,15 @@ A lifelong point's teacher-forced retention asks only whether the new answer out
 saved points (``RUN/resume-METHOD-N-weights.safetensors``) through the same retention sample the
 run re-tests (``evaluation.lifelong.retention_sample`` over the stream's records) and sorts each
 correction edited before the point into: said; says the old answer again (reverted); neither, but
-the new answer still wins teacher-forced; neither, and lost. It also gives the median log-probability margin of the new
-answer over the old (nats, whole answers) in each group.
+the new answer still wins teacher-forced; neither, and lost. It also gives the median
+log-probability margin of the new answer over the old (nats, whole answers) in each group, and
+the same for the unedited model on the furthest point's sample (its "reverted" share: how often
+it says the true answer).
 
     METAKE_HOME=/tmp/mk-home .venv/bin/python benchmarks/says_erosion.py \\
         --data ../shared/data/counterfact/easyedit_counterfact-train.json --offset 2000 --n 2000 \\
-        --threads 2 --weights passes3@1000=/work/runs/long/passes3/resume-metake-1000-weights.safetensors \\
+        --threads 2 --weights plain@400=/work/runs/long/plain/resume-metake-400-weights.safetensors \\
+        --weights passes3@1000=/work/runs/long/passes3/resume-metake-1000-weights.safetensors \\
         --out benchmarks/results/says-erosion-train2000.json
 """
 
@@ -52,8 +55,8 @@ def erosion(loaded: LoadedModel, records: list[CounterFactRecord], edits: int) -
             group = "unsaid_retained" if margin > 0 else "other"
         groups[group].append(margin)
         if group != "said" and len(examples) < 12:
-            examples.append({"prompt": record.prompt, "new": record.target_new, "old": record.target_true})
-            examples[-1]["says"] = text
+            example = {"prompt": record.prompt, "new": record.target_new, "old": record.target_true, "says": text}
+            examples.append(example)
     n = len(sample)
     return {
         "tested": n,
@@ -80,12 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     # the unedited model on the same sample: how often it says the true answer is the ceiling a
     # "says" figure can be read against (its "reverted" share)
-    furthest = max(int(item.partition("=")[0].rpartition("@")[2]) for item in args.weights)
+    split = [w.partition("=") for w in args.weights]
+    points = [(label, int(label.rpartition("@")[2]), file) for label, _, file in split]
+    furthest = max(edits for _, edits, _ in points)
     rows = {f"unedited@{furthest}": erosion(loaded, records, furthest)}
-    for item in args.weights:
-        label, _, file = item.partition("=")
+    for label, edits, file in points:
         restore_weights(loaded, layers, load_file(file))
-        rows[label] = erosion(loaded, records, int(label.rpartition("@")[2]))
+        rows[label] = erosion(loaded, records, edits)
     for label, row in rows.items():
         print(label, json.dumps(row["percent"]), json.dumps(row["median_margin"]))
     result = {"command": sys.argv, "threads": torch.get_num_threads(), "seconds": time.perf_counter() - started}

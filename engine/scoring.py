@@ -68,16 +68,14 @@ def _completion_logits(
     batch_size: int,
 ) -> Iterator[tuple[TokenBatch, torch.Tensor]]:
     """Per chunk of ``batch_size`` prompts: the batch of each prompt followed by its completion
-    and the logits at the completion's tokens (no gradients)."""
+    and the logits at the completion's tokens (its callers run it under ``torch.no_grad``)."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(prompts), batch_size):
         chunk = zip(prompts[start : start + batch_size], completions[start : start + batch_size], strict=True)
         rows = [Row(tokenizer(p).input_ids, target=encode_target(tokenizer, p, c)) for p, c in chunk]
         batch = make_batch(rows, pad, device)
-        with torch.no_grad():
-            logits = logits_at(model, batch, batch.target_rows, batch.target_positions)
-        yield batch, logits
+        yield batch, logits_at(model, batch, batch.target_rows, batch.target_positions)
 
 
 @torch.no_grad()
