@@ -95,6 +95,14 @@ def _read_text_sample(path: Path | None, max_chars: int) -> list[str]:
     help="With --lifelong: rebuild the accumulated constraints from the applied corrections' current keys "
     "after each point past a multiple of this many edits (0: never).",
 )
+@click.option(
+    "--rehearse-every",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="With --lifelong: after each point past a multiple of this many edits, apply again the earlier "
+    "corrections greedy decoding no longer begins with (0: never).",
+)
 @click.pass_context
 def bench(
     ctx: click.Context,
@@ -120,6 +128,7 @@ def bench(
     eval_every: int,
     out_dir: Path | None,
     rekey_every: int,
+    rehearse_every: int,
 ) -> None:
     """Edit the first N records in sequence with each method on the same model; print one table."""
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
@@ -192,6 +201,7 @@ def bench(
             _read_text_sample(ppl_text, ppl_chars),
             rekey_every=rekey_every,
             fluency_n=fluency_n,
+            rehearse_every=rehearse_every,
         )
         click.echo(summary_table(points))
         click.echo(f"{len(points)} points in {out_dir / 'curves.jsonl'}; plots in {out_dir}")

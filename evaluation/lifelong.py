@@ -14,6 +14,11 @@ seconds per edit. Each point is one JSON line in ``DIR/curves.jsonl``;
 ``DIR/*.png`` draws one figure per quantity with every method on the same axes. After each point
 the weights and the editor state are saved, so an interrupted run resumes from its last point.
 Methods take turns window by window, so a run stopped early still compares them at one length.
+
+Rehearsal (``rehearse_every``): after a point is measured, every correction applied so far is
+re-tested (``engine.scoring.targets_said``) and the ones the model no longer says are applied
+again, in batches of the stream's size, before the next window. The point is measured before its
+rehearsal, so each curve shows the model at the worst of its cycle, never right after a repair.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from engine.editor import EditFailed, Editor
 from engine.files import atomic_path, atomic_write_text
 from engine.hparams import EditHyperParams
 from engine.models import LoadedModel
+from engine.scoring import targets_said
 from engine.state import EditorState
 from evaluation.bench import weight_growth
 from evaluation.counterfact import CounterFactRecord
@@ -74,6 +80,7 @@ PLOTTED = {
     "median_plan_norm": "median ||delta|| planned at the last layer (window)",
     "median_subject_norm": "median ||h||, the subject's output at the last layer (window)",
     "s_per_edit": "seconds per edit (window median)",
+    "rehearsal_unsaid": "applied corrections not said at a rehearsal, before it (%)",
 }
 
 
@@ -96,13 +103,16 @@ def run_lifelong(
     progress: bool = True,
     rekey_every: int = 0,
     fluency_n: int = 0,
+    rehearse_every: int = 0,
 ) -> list[dict[str, Any]]:
     """Run every method in ``hparams`` over ``records`` (resuming what ``out`` holds); returns all points.
 
     ``rekey_every``: after each point that reaches a multiple of it, rebuild every method's
     accumulated constraint from the keys its applied corrections have on the model then
     (``Editor.rekey``; 0: never). ``fluency_n``: the first this many records' rewrite prompts
-    are continued greedily at every point for the fluency figure (0: no fluency)."""
+    are continued greedily at every point for the fluency figure (0: no fluency).
+    ``rehearse_every``: after each point that reaches a multiple of it, apply again the earlier
+    corrections the model no longer says (0: never; see the module's docstring)."""
     out.mkdir(parents=True, exist_ok=True)
     curves = out / "curves.jsonl"
     editors = {method: Editor(loaded, hp, stats_dir) for method, hp in hparams.items()}
@@ -122,8 +132,8 @@ def run_lifelong(
     runs = {}
     for method, editor in editors.items():
         editor.load_weights(base)
-        done, state, failed = _resume(out, method, editor, records)
-        runs[method] = _Run(done, state, editor.edited_weights(), failed)
+        done, state, failed, rehearsed = _resume(out, method, editor, records)
+        runs[method] = _Run(done, state, editor.edited_weights(), failed, rehearsed)
     _trim(curves, {method: run.done for method, run in runs.items()})
     bars = {
         m: tqdm(total=len(records), initial=r.done, desc=f"{m} lifelong", disable=not progress) for m, r in runs.items()
@@ -136,15 +146,15 @@ def run_lifelong(
         editor.load_weights(run.weights)
         before = run.done
         point = _window(loaded, editor, run, stream, bars[method]) | {"method": method}
+        if rehearse_every and run.done // rehearse_every > before // rehearse_every:
+            point |= _rehearse(editor, run, records, stream.batch_size)
         if rekey_every and run.done // rekey_every > before // rekey_every:
-            failed = set(run.failed)
-            applied = [r.request() for i, r in enumerate(records[: run.done]) if i not in failed]
-            run.state = editor.rekey(run.state, applied)
+            run.state = editor.rekey(run.state, [records[i].request() for i in run.applied()])
             point["rekeyed"] = True
         with curves.open("a") as handle:
             handle.write(json.dumps(point) + "\n")
         run.weights = editor.edited_weights()
-        _save(out, method, editor, run.state, run.done, run.failed)
+        _save(out, method, editor, run)
     for bar in bars.values():
         bar.close()
     next(iter(editors.values())).load_weights(base)
@@ -226,6 +236,40 @@ class _Run:
     weights: dict[str, torch.Tensor]
     failed: list[int] = field(default_factory=list)
     """Indices of the records the state does not hold: refused, or in a batch that failed (rolled back)."""
+    rehearsed: list[int] = field(default_factory=list)
+    """Indices of the records applied again by rehearsal, in order (one may appear more than once)."""
+
+    def applied(self) -> list[int]:
+        """Every record the state has applied, a rehearsed one once more for each rehearsal."""
+        failed = set(self.failed)
+        return [i for i in range(self.done) if i not in failed] + self.rehearsed
+
+
+def _rehearse(editor: Editor, run: _Run, records: list[CounterFactRecord], batch_size: int) -> dict[str, Any]:
+    """Apply again (editing ``run`` in place) the corrections applied so far that greedy decoding
+    no longer begins with; returns the point's rehearsal figures."""
+    began = time.perf_counter()
+    failed = set(run.failed)
+    held = [i for i in range(run.done) if i not in failed]
+    loaded = editor.loaded
+    said = targets_said(loaded.model, loaded.tokenizer, [records[i].request() for i in held])
+    unsaid = [i for i, s in zip(held, said, strict=True) if not s]
+    again: list[int] = []
+    for start in range(0, len(unsaid), batch_size):
+        chosen = unsaid[start : start + batch_size]
+        try:
+            outcome = editor.apply([records[i].request() for i in chosen], run.state)
+        except EditFailed:  # rolled back: these stay as they are until the next rehearsal
+            continue
+        run.state = outcome.state
+        again += chosen  # accepted once, so never refused now (a refusal depends on the request alone)
+    run.rehearsed += again
+    return {
+        "rehearsal_unsaid": 100.0 * len(unsaid) / len(held) if held else None,
+        "rehearsed": len(again),
+        "rehearsed_total": len(run.rehearsed),
+        "rehearsal_seconds": time.perf_counter() - began,
+    }
 
 
 def _window(loaded: LoadedModel, editor: Editor, run: _Run, stream: _Stream, bar: Any) -> dict[str, Any]:
@@ -305,16 +349,17 @@ def _meta_path(out: Path, method: str) -> Path:
     return out / f"resume-{method}.json"
 
 
-def _save(out: Path, method: str, editor: Editor, state: EditorState, done: int, failed: list[int]) -> None:
+def _save(out: Path, method: str, editor: Editor, run: _Run) -> None:
     """Weights and state under names of their own, then the meta that points at them (renamed into
     place last): a kill at any moment leaves the previous point whole."""
-    weights, state_path = f"resume-{method}-{done}-weights.safetensors", f"resume-{method}-{done}-state"
+    weights, state_path = f"resume-{method}-{run.done}-weights.safetensors", f"resume-{method}-{run.done}-state"
     with atomic_path(out / weights) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in editor.edited_weights().items()}, tmp)
-    state.save(out / state_path)
+    run.state.save(out / state_path)
     meta = _meta_path(out, method)
     previous = json.loads(meta.read_text()) if meta.exists() else {}
-    atomic_write_text(meta, json.dumps({"edits": done, "weights": weights, "state": state_path, "failed": failed}))
+    saved = {"edits": run.done, "weights": weights, "state": state_path, "failed": run.failed}
+    atomic_write_text(meta, json.dumps(saved | ({"rehearsed": run.rehearsed} if run.rehearsed else {})))
     for name in (previous.get("weights"), previous.get("state")):
         if name and name not in (weights, state_path):
             (out / name).unlink(missing_ok=True)
@@ -322,9 +367,9 @@ def _save(out: Path, method: str, editor: Editor, state: EditorState, done: int,
 
 def _resume(
     out: Path, method: str, editor: Editor, records: list[CounterFactRecord]
-) -> tuple[int, EditorState, list[int]]:
-    """Where a method left off: (edits done, its state, the records that failed), weights loaded;
-    (0, a fresh state, none) otherwise.
+) -> tuple[int, EditorState, list[int], list[int]]:
+    """Where a method left off: (edits done, its state, the records that failed, the records
+    rehearsal applied again), weights loaded; (0, a fresh state, none, none) otherwise.
 
     A meta saved before it listed the failed records gets them derived: the records up to its
     point that the editor refuses (deterministic: the request, the tokenizer and the state's
@@ -332,21 +377,21 @@ def _resume(
     rolled back cannot be derived, and such a meta is refused with a clear error."""
     meta = _meta_path(out, method)
     if not meta.exists():
-        return 0, editor.new_state(), []
+        return 0, editor.new_state(), [], []
     saved = json.loads(meta.read_text())
     state = EditorState.load(out / saved["state"], editor.loaded.device)
     editor.check_state(state)
     editor.load_weights({k: v.to(editor.loaded.device) for k, v in load_file(out / saved["weights"]).items()})
     done = int(saved["edits"])
     if "failed" in saved:
-        return done, state, list(saved["failed"])
+        return done, state, list(saved["failed"]), list(saved.get("rehearsed", []))
     refused = [i for i, r in enumerate(records[:done]) if editor.refusal(r.request(), state) is not None]
     if done - len(refused) != state.edits:
         raise ValueError(
             f"{meta} does not list its failed records, and they cannot be derived: {done} records, "
             f"{len(refused)} refused, but the state applied {state.edits}"
         )
-    return done, state, refused
+    return done, state, refused, []
 
 
 def _trim(curves: Path, done: dict[str, int]) -> None:
@@ -410,6 +455,8 @@ TABLE_COLUMNS = (
     ("median_plan_norm", "plan norm", "{:.1f}"),
     ("median_subject_norm", "h norm", "{:.1f}"),
     ("s_per_edit", "s/edit", "{:.2f}"),
+    ("rehearsal_unsaid", "unsaid at rehearsal %", "{:.1f}"),
+    ("rehearsed_total", "rehearsed", "{:d}"),
 )
 
 

@@ -475,3 +475,45 @@ def test_lifelong_rekeying_rebuilds_the_constraints_at_its_points_and_resumes_wi
     assert not torch.allclose(saved.constraints[last], unkeyed.constraints[last], atol=1e-5, rtol=1e-5)
     resumed = run_lifelong(loaded, {"alphaedit": hp}, records, 1, 2, out, None, [], progress=False, rekey_every=4)
     assert [p["edits"] for p in resumed] == [0, 2, 4, 5] and resumed[-1]["retention"] is not None
+
+
+def test_lifelong_rehearsal_applies_again_what_the_model_no_longer_says_and_resumes_with_it(
+    tiny_llama, tmp_path, monkeypatch
+):
+    """``--rehearse-every``: after a point, the applied corrections greedy decoding no longer
+    begins with are applied again (the point itself is measured before); the state counts them,
+    the meta lists them so a resumed run (and a re-keying) goes on from the same life."""
+    import evaluation.lifelong
+    from evaluation.lifelong import run_lifelong
+
+    loaded = load_model(tiny_llama[0], device="cpu")
+    hp = EditHyperParams.from_file(tiny_llama[1]).with_changes(method="alphaedit")
+    records = load_counterfact(counterfact_file(tmp_path / "cf.json"), 5)
+    tested: list[list[str]] = []
+
+    def said(model: object, tokenizer: object, requests: list) -> list[bool]:
+        tested.append([r.subject for r in requests])
+        return [i % 2 == 1 for i in range(len(requests))]  # the 1st, 3rd ... are no longer said
+
+    monkeypatch.setattr(evaluation.lifelong, "targets_said", said)
+    whole = tmp_path / "whole"
+    kwargs = {"progress": False, "rehearse_every": 2, "rekey_every": 4}
+    points = run_lifelong(loaded, {"alphaedit": hp}, records, 1, 2, whole, None, [], **kwargs)
+    subjects = [r.subject for r in records]
+    assert tested == [subjects[:2], subjects[:4]]  # at 2 and 4; not at 5 (no multiple of 2 passed)
+    assert [(p.get("rehearsed"), p.get("rehearsal_unsaid")) for p in points[1:]] == [(1, 50.0), (2, 50.0), (None, None)]
+    assert points[2]["rehearsed_total"] == 3 and points[2]["rekeyed"]  # re-keying counts the rehearsed keys
+    meta = json.loads((whole / "resume-alphaedit.json").read_text())
+    assert meta["rehearsed"] == [0, 0, 2]
+    assert EditorState.load(whole / meta["state"]).edits == 5 + 3
+    plain = run_lifelong(loaded, {"alphaedit": hp}, records, 1, 2, tmp_path / "plain", None, [], progress=False)
+    a, b = saved_weights(whole, "alphaedit"), saved_weights(tmp_path / "plain", "alphaedit")
+    assert not all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # the rehearsals changed the weights
+    assert points[1]["norm_growth"] == plain[1]["norm_growth"]  # the point at 2 is measured before its rehearsal
+    assert points[2]["norm_growth"] != plain[2]["norm_growth"]
+    parts = tmp_path / "parts"
+    run_lifelong(loaded, {"alphaedit": hp}, records[:3], 1, 2, parts, None, [], **kwargs)  # interrupted after 3
+    run_lifelong(loaded, {"alphaedit": hp}, records, 1, 2, parts, None, [], **kwargs)
+    assert json.loads((parts / "resume-alphaedit.json").read_text())["rehearsed"] == [0, 0, 2]
+    c = saved_weights(parts, "alphaedit")
+    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)  # as if never interrupted
