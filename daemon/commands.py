@@ -95,6 +95,13 @@ def edit_options(function: CommandFunction) -> CommandFunction:
             help="Warn when a layer has used more than this share of its room for edits.",
         ),
         click.option(
+            "--rehearse/--no-rehearse",
+            default=False,
+            show_default=True,
+            help="Queue again the re-tested corrections the model no longer says (source: rehearsal N of #id).",
+        ),
+        click.option("--max-rehearsals", type=int, default=3, show_default=True, help="... at most this often a fact."),
+        click.option(
             "--drift-text",
             type=click.Path(path_type=Path),
             help="UTF-8 text for the perplexity drift check [default: a sample the base model wrote once].",
@@ -126,6 +133,8 @@ def settings_from(options: dict[str, Any]) -> DaemonSettings:
             retention_warning=options["retention_warning"],
             room_warning=options["room_warning"],
             drift_text=options["drift_text"],
+            rehearse=options["rehearse"],
+            max_rehearsals=options["max_rehearsals"],
         ),
     )
 

@@ -5,8 +5,10 @@ measures perplexity on the fixed drift sample (daemon.drift_sample), next to the
 model's perplexity on the same text, and how much of each edited layer's room for edits the
 accumulated constraint has used (``Editor.room_used``: near 1, new corrections start to cost old
 ones). The unedited figure is measured once per process by
-swapping the base weights of the edited layers in and back out (bit for bit). A failed check is
-logged and never stops the daemon: the batch before it is committed already.
+swapping the base weights of the edited layers in and back out (bit for bit). With rehearsal on,
+the re-tested corrections the model no longer says are queued again as new corrections
+(``storage.queue.resubmit_for_rehearsal``). A failed check is logged and never stops the daemon:
+the batch before it is committed already.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from daemon.drift_sample import sample_sha256
@@ -31,6 +35,7 @@ from storage.edits import MetricValue, add_metrics
 from storage.leases import LeaseLost
 from storage.models import Correction, Phase
 from storage.queries import sample_applied
+from storage.queue import resubmit_for_rehearsal
 
 
 @dataclass
@@ -42,6 +47,8 @@ class Findings:
     retention: float | None = None
     """Share of the re-tested corrections that still hold (None when none were tested)."""
     forgotten: list[int] = field(default_factory=list)
+    unsaid: list[int] = field(default_factory=list)
+    """The re-tested corrections whose greedy continuation does not say the target (rehearsal's)."""
     gen_retention: float | None = None
     """Share of them whose greedy continuation of the prompt says the target (not just prefers it)."""
     drift: dict[str, float] = field(default_factory=dict)
@@ -83,6 +90,7 @@ class HealthCheck:
             said = generate_greedy(loaded.model, loaded.tokenizer, prompts, GENERATED_TOKENS)
             says = {c.id: says_answer(text, c.target) for c, text in zip(earlier, said, strict=True)}
             findings.metrics += [MetricValue(i, "health.says_target", Phase.POST, float(v)) for i, v in says.items()]
+            findings.unsaid = [i for i, said_it in says.items() if not said_it]
             findings.gen_retention = sum(says.values()) / len(says)
             findings.metrics.append(MetricValue(None, "health.gen_retention", Phase.POST, findings.gen_retention))
         texts = self.model.drift_texts
@@ -146,11 +154,14 @@ class HealthChecks:
         findings = self._check.measure(earlier, held.state)
         room = max(findings.room_used.values())
         with held.lease.transaction() as session:
+            rehearsed = self._rehearse(session, findings.unsaid) if held.settings.health.rehearse else {}
             add_metrics(session, edit_id, findings.metrics)
             payload = {"model": held.name, "retention": findings.retention, "tested": findings.tested, **findings.drift}
             payload["gen_retention"] = findings.gen_retention
             payload["room_used"] = room
             payload["sample"] = sample_sha256(held.model.drift_texts)
+            if held.settings.health.rehearse:
+                payload["rehearsed"] = [[old, new] for old, new in rehearsed.items()]
             append_event(session, AuditKind.HEALTH_CHECKED, actor=held.actor, edit_id=edit_id, payload=payload)
         self.last = payload
         level = logging.INFO
@@ -164,6 +175,8 @@ class HealthChecks:
             level = logging.WARNING
             fullest = max(findings.room_used, key=lambda layer: findings.room_used[layer])
             held.event(level, "room_low", room_used=room, layer=fullest, threshold=held.settings.health.room_warning)
+        if rehearsed:
+            held.event(logging.INFO, "rehearsal_queued", corrections=list(rehearsed), queued=list(rehearsed.values()))
         held.event(
             level,
             "health_checked",
@@ -174,3 +187,12 @@ class HealthChecks:
             seconds=time.perf_counter() - started,
             **findings.drift,
         )
+
+    def _rehearse(self, session: Session, unsaid: list[int]) -> dict[int, int]:
+        """Queue again, in the health check's transaction (before its audit event: the submit key
+        locks come first), the unsaid corrections that are still the newest word on their fact."""
+        if not unsaid:
+            return {}
+        corrections = list(session.scalars(select(Correction).where(Correction.id.in_(unsaid))))
+        most = self.held.settings.health.max_rehearsals
+        return resubmit_for_rehearsal(session, corrections, self.held.actor, model=self.held.name, max_rehearsals=most)

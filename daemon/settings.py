@@ -26,8 +26,8 @@ __all__ = ["DEFAULT_MODEL", "DTYPES", "METHODS", "DaemonSettings", "HealthSettin
 class HealthSettings:
     """Lifelong checks: every ``every`` batches, re-test earlier corrections and measure drift.
 
-    ``every = 0`` turns them off. ``drift_text`` is a UTF-8 text file; without one a sample is
-    generated once by the unedited model and kept in the data home.
+    ``every = 0`` turns them off; ``rehearse`` acts on what they find. ``drift_text`` is a UTF-8
+    text file; without one a sample is generated once by the unedited model and kept in the data home.
     """
 
     every: int = 10
@@ -36,6 +36,11 @@ class HealthSettings:
     room_warning: float = 0.9
     """Warn when a layer has used more than this share of its room for edits (``Editor.room_used``)."""
     drift_text: Path | None = None
+    rehearse: bool = False
+    """Queue again the re-tested corrections the model no longer says (rehearsal): greedy decoding
+    of a correction erodes faster than its teacher-forced hold (docs/lifelong.md, "Rehearsal")."""
+    max_rehearsals: int = 3
+    """Times one original correction may be queued again by rehearsal."""
 
     def __post_init__(self) -> None:
         if self.every < 0:
@@ -46,6 +51,8 @@ class HealthSettings:
             raise InvalidInput(f"--retention-warning must be between 0 and 1, got {self.retention_warning}")
         if not 0.0 <= self.room_warning <= 1.0:
             raise InvalidInput(f"--room-warning must be between 0 and 1, got {self.room_warning}")
+        if self.max_rehearsals < 0:
+            raise InvalidInput(f"--max-rehearsals must be 0 or more, got {self.max_rehearsals}")
         if self.drift_text is not None and not self.drift_text.is_file():
             raise InvalidInput(f"--drift-text {self.drift_text} is not a file")
 

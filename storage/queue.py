@@ -15,6 +15,7 @@ in a cycle; an import's completion takes a table lock instead of the key locks (
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
@@ -24,7 +25,7 @@ from sqlalchemy.orm import Session
 from storage.audit import AuditKind, NewEvent, append_event, append_events
 from storage.audit_rows import submitted_payload
 from storage.errors import InvalidTransition
-from storage.intake import CorrectionInput
+from storage.intake import CorrectionInput, Neighbor
 from storage.models import DEFAULT_MODEL_NAME, Correction, CorrectionStatus, DaemonLease
 from storage.types import utcnow
 
@@ -105,6 +106,69 @@ def supersede_pending(pending: dict[tuple[str, str], list[Item]], fact: tuple[st
     older = pending.get(fact, [])
     pending[fact] = [new]
     return older
+
+
+REHEARSAL_SOURCE = re.compile(r"rehearsal (\d+) of #(\d+)")
+"""The source of a correction queued by rehearsal: the how-many-th, of which original correction."""
+
+
+def rehearsal_of(correction: Correction) -> tuple[int, int]:
+    """(rehearsals so far, the original correction's id): (0, its own id) for one nobody rehearsed."""
+    found = REHEARSAL_SOURCE.fullmatch(correction.source or "")
+    return (int(found[1]), int(found[2])) if found else (0, correction.id)
+
+
+def resubmit_for_rehearsal(
+    session: Session,
+    corrections: Sequence[Correction],
+    submitter: str,
+    *,
+    model: str = DEFAULT_MODEL_NAME,
+    max_rehearsals: int = 3,
+) -> dict[int, int]:
+    """Queue applied ``corrections`` again, as new corrections of the same fact and target
+    (source ``rehearsal N of #original``), for the ones a health check found the model no longer
+    says; returns {rehearsed id: new id}.
+
+    A correction is left out when its fact has a pending correction (the copy would supersede
+    what somebody asked for since), a newer applied one (re-applying it would undo that one), or
+    when its original has been rehearsed ``max_rehearsals`` times (a fact that will not stay said
+    must not take every later edit's room)."""
+    facts = {(c.prompt, c.subject) for c in corrections}
+    if not facts:
+        return {}
+    lock_for_submitting(session)
+    _lock_facts(session, facts)
+    pending = pending_for_facts(session, facts, model)
+    chosen: list[tuple[Correction, str]] = []
+    for c in sorted(corrections, key=lambda c: c.id):
+        newer = select(func.count()).where(
+            Correction.model == model,
+            Correction.status == CorrectionStatus.APPLIED,
+            Correction.prompt == c.prompt,
+            Correction.subject == c.subject,
+            Correction.id > c.id,
+        )
+        fact, (times, origin) = (c.prompt, c.subject), rehearsal_of(c)
+        if c.status != CorrectionStatus.APPLIED or fact in pending or times >= max_rehearsals:
+            continue
+        if not session.scalar(newer):
+            chosen.append((c, f"rehearsal {times + 1} of #{origin}"))
+            pending[fact] = [c]  # a fact is rehearsed once a check
+    copies = [
+        CorrectionInput(
+            prompt=c.prompt,
+            subject=c.subject,
+            target=c.target,
+            paraphrases=tuple(c.paraphrases),
+            neighbors=tuple(Neighbor(n["prompt"], n["answer"]) for n in c.neighbors),
+            priority=c.priority,
+            original_answer=c.original_answer,
+            source=source,
+        )
+        for c, source in chosen
+    ]
+    return dict(zip([c.id for c, _ in chosen], submit_many(session, copies, submitter, model=model), strict=True))
 
 
 def lock_for_submitting(session: Session) -> None:

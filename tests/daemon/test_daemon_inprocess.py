@@ -115,6 +115,31 @@ def test_revert_restores_weights_and_state_exactly_and_marks_later_corrections(s
     assert statuses(store)[5] == "applied"
 
 
+def test_rehearsal_queues_again_what_a_health_check_finds_unsaid_and_stops_at_its_bound(
+    store, tiny, log, one_thread, monkeypatch
+):
+    """``--rehearse``: each check queues the re-tested corrections the model no longer says as
+    new corrections (``rehearsal 1 of #id``), which the daemon then applies like any other; a fact
+    with a copy pending or applied since is not queued twice, nor a copy past ``max_rehearsals``.
+    The tiny model says nothing, so a scripted check finds every correction unsaid."""
+    import daemon.health
+
+    monkeypatch.setattr(daemon.health, "says_answer", lambda text, answer: False)
+    submit_facts(store)
+    health = HealthSettings(every=2, sample_size=5, rehearse=True, max_rehearsals=1)
+    report = apply_pending(make_daemon(store, tiny, log, health=health))
+    assert len(report.batches) == 8  # the 4 corrections, then a copy of each
+    with store.sessions().begin() as session:
+        rows = session.scalars(select(Correction).order_by(Correction.id)).all()
+        assert [(c.source, c.subject, c.status) for c in rows[4:]] == [
+            (f"rehearsal 1 of #{i}", rows[i - 1].subject, CorrectionStatus.APPLIED) for i in (1, 2, 3, 4)
+        ]
+        checks = session.scalars(select(AuditEvent).where(AuditEvent.kind == "health_checked")).all()
+        assert [e.payload["rehearsed"] for e in checks] == [[[1, 5]], [[2, 6], [3, 7]], [[4, 8]], []]
+        assert verify_chain(session) is None
+    assert "event=rehearsal_queued corrections=2,3 queued=6,7" in log.getvalue()
+
+
 def test_health_checks_store_retention_and_drift_and_warn(store, tiny, log, one_thread):
     submit_facts(store)
     daemon = make_daemon(

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
         (lambda: Retention(keep_last=0), "--keep-last must be at least 1"),
         (lambda: Retention(keep_every=-1), "--keep-every must be 0"),
         (lambda: HealthSettings(retention_warning=1.5), "--retention-warning must be between 0 and 1"),
+        (lambda: HealthSettings(max_rehearsals=-1), "--max-rehearsals must be 0 or more"),
         (lambda: DaemonSettings(batch_size=0), "--batch-size must be at least 1"),
         (lambda: DaemonSettings(threads=0), "--threads must be at least 1"),
         (lambda: DaemonSettings(method="rome"), "unknown method 'rome'"),

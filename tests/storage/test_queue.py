@@ -20,6 +20,7 @@ from storage.queue import (
     mark_rejected,
     release_claimed,
     release_stale_claims,
+    resubmit_for_rehearsal,
     submit,
     submit_many,
 )
@@ -259,3 +260,48 @@ def test_each_model_has_its_own_queue(sessions):
         assert session.get(Correction, default).status == CorrectionStatus.APPLYING
     with sessions() as session:
         assert verify_chain(session) is None and verify_rows(session).mismatch is None
+
+
+def _apply_all(session, worker: str = "w") -> list[Correction]:
+    batch = claim_batch(session, 100, worker)
+    edit = Edit(method="metake", model="smollm2-135m", hparams={}, layers=[4])
+    session.add(edit)
+    session.flush()
+    mark_applied(session, batch, edit.id, worker=worker)
+    return batch
+
+
+def test_rehearsal_queues_copies_of_the_newest_word_on_each_fact_a_bounded_number_of_times(sessions):
+    """A rehearsed correction comes back as a new pending one with its fields and the source
+    ``rehearsal N of #original``; a fact with a pending correction (it would be superseded), an
+    older applied correction of a fact applied again since (it would undo the newer), and an
+    original rehearsed ``max_rehearsals`` times are left out; every step is in the audit chain."""
+    with sessions.begin() as session:
+        first = make_correction(MOTHER_TONGUE, "Danielle Darrieux", "English", paraphrases=["Darrieux speaks"])
+        ids = submit_many(session, [first, fact("Toko Yasuda"), fact("Ludwig Mies"), fact("Nabi Tajima")], "alice")
+        _apply_all(session)
+        tajima = submit(session, fact("Nabi Tajima", "Korean"), "bob")
+        _apply_all(session)  # Tajima's newer correction is applied: the older one is not rehearsed
+        mies = submit(session, fact("Ludwig Mies", "Dutch"), "bob")  # pending: Mies is not rehearsed
+    with sessions.begin() as session:
+        rows = [session.get(Correction, i) for i in [*ids, tajima]]
+        queued = resubmit_for_rehearsal(session, rows, "daemon:w", max_rehearsals=2)
+        assert list(queued) == [ids[0], ids[1], tajima]
+        copy = session.get(Correction, queued[ids[0]])
+        assert (copy.status, copy.subject, copy.target, copy.paraphrases) == (
+            CorrectionStatus.PENDING,
+            "Danielle Darrieux",
+            "English",
+            ["Darrieux speaks"],
+        )
+        assert copy.source == f"rehearsal 1 of #{ids[0]}" and copy.submitter == "daemon:w"
+        assert session.get(Correction, mies).status == CorrectionStatus.PENDING  # not superseded by a copy
+        assert resubmit_for_rehearsal(session, rows[:1], "daemon:w") == {}  # its copy is pending now
+    with sessions.begin() as session:
+        _apply_all(session)
+        again = resubmit_for_rehearsal(session, [session.get(Correction, queued[ids[0]])], "d", max_rehearsals=2)
+        assert session.get(Correction, again[queued[ids[0]]]).source == f"rehearsal 2 of #{ids[0]}"
+        _apply_all(session)
+        third = session.get(Correction, again[queued[ids[0]]])
+        assert resubmit_for_rehearsal(session, [third], "d", max_rehearsals=2) == {}  # twice is the bound
+        assert verify_chain(session) is None
