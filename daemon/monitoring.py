@@ -47,6 +47,9 @@ class DaemonMonitor:
             "Largest share of an edited layer's room for edits the accumulated constraint has used.",
             registry=r,
         )
+        self.rehearsed = Gauge(
+            "metake_health_rehearsed", "Corrections the last health check queued again (--rehearse).", registry=r
+        )
         self.checkpoint_bytes = Gauge("metake_checkpoint_bytes", "Size of the current checkpoint file.", registry=r)
         self.lease_held = Gauge("metake_lease_held", "1 while this daemon holds the model's lease.", registry=r)
         self.last_beat = Gauge("metake_loop_last_beat_seconds", "Unix time the serving loop last ran.", registry=r)
@@ -74,8 +77,14 @@ class DaemonMonitor:
             self.stage_seconds.labels(stage).observe(value)
 
     def health_checked(
-        self, retention: float | None, perplexity_ratio: float | None, room_used: float | None = None
+        self,
+        retention: float | None,
+        perplexity_ratio: float | None,
+        room_used: float | None = None,
+        rehearsed: int | None = None,
     ) -> None:
+        if rehearsed is not None:
+            self.rehearsed.set(rehearsed)
         if room_used is not None:
             self.room_used.set(room_used)
         if retention is not None:

@@ -161,7 +161,10 @@ class Daemon:
             monitor.batch_done(len(report.applied), len(report.failed), len(report.rejected), report.seconds)
             if self.health.last is not None:
                 last = self.health.last
-                monitor.health_checked(last.get("retention"), last.get("perplexity_ratio"), last.get("room_used"))
+                rehearsed = len(last["rehearsed"]) if "rehearsed" in last else None
+                monitor.health_checked(
+                    last.get("retention"), last.get("perplexity_ratio"), last.get("room_used"), rehearsed
+                )
             if self.held.current is not None:
                 monitor.checkpoint_bytes.set(self.held.current.size_bytes)
             monitor.beat()

@@ -127,8 +127,14 @@ def test_rehearsal_queues_again_what_a_health_check_finds_unsaid_and_stops_at_it
     monkeypatch.setattr(daemon.health, "says_answer", lambda text, answer: False)
     submit_facts(store)
     health = HealthSettings(every=2, sample_size=5, rehearse=True, max_rehearsals=1)
-    report = apply_pending(make_daemon(store, tiny, log, health=health))
-    assert len(report.batches) == 8  # the 4 corrections, then a copy of each
+    daemon = make_daemon(store, tiny, log, health=health)
+    gauge = []  # what /metrics serves after each batch: the newest check's rehearsals
+    daemon.load()
+    daemon.open()
+    with daemon.holding_lease():
+        while daemon.apply_batch(1) is not None:
+            gauge.append(daemon.monitor.registry.get_sample_value("metake_health_rehearsed"))
+    assert gauge == [0, 1, 1, 2, 2, 1, 1, 0]  # 8 batches: the 4 corrections, then a copy of each
     with store.sessions().begin() as session:
         rows = session.scalars(select(Correction).order_by(Correction.id)).all()
         assert [(c.source, c.subject, c.status) for c in rows[4:]] == [

@@ -42,7 +42,7 @@ def test_metrics_count_outcomes_and_time_stages(served):
     monitor, port = served
     monitor.batch_done(applied=3, failed=1, rejected=0, seconds={"edit": 2.5, "checkpoint": 0.2})
     monitor.batch_done(applied=1, failed=0, rejected=2, seconds={"edit": 1.0})
-    monitor.health_checked(retention=0.9, perplexity_ratio=1.05, room_used=0.25)
+    monitor.health_checked(retention=0.9, perplexity_ratio=1.05, room_used=0.25, rehearsed=3)
     code, text = _get(port, "/metrics")
     assert code == 200
     for line in (
@@ -53,6 +53,7 @@ def test_metrics_count_outcomes_and_time_stages(served):
         'metake_edit_stage_seconds_sum{stage="edit"} 3.5',
         "metake_health_retention 0.9",
         "metake_health_perplexity_ratio 1.05",
+        "metake_health_rehearsed 3.0",
         "metake_constraint_room_used 0.25",
     ):
         assert line in text.splitlines()
