@@ -3,8 +3,9 @@
 docs/lifelong/tune200/*.png (the 200-edit validation runs), docs/lifelong/heldout/*.png (the
 spread against AlphaEdit and the tuned MetaKE on held-out train records) and docs/lifelong/full/*.png
 (the 2,000-edit run, one curve file a method) and docs/lifelong/cap/*.png (the spectral cap from
-the first correction against the uncapped runs) and docs/lifelong/passes/*.png (capped MetaKE with
-and without max_passes 3 on the same stream), as docs/lifelong.md shows them."""
+the first correction against the uncapped runs), docs/lifelong/passes/*.png (capped MetaKE with
+and without max_passes 3 on the same stream) and docs/lifelong/rehearsal/*.png (capped MetaKE with
+and without rehearsal every 100 edits), as docs/lifelong.md shows them."""
 
 from pathlib import Path
 
@@ -50,6 +51,12 @@ FIGURES = {
         ("lifelong-train2000-cap-metake-says.jsonl", "metake", "metake, cap 0.5"),
         ("lifelong-train2000-cap-metake-passes3.jsonl", "unedited", "unedited"),
     ),
+    "rehearsal": (
+        ("lifelong-train2000-cap-metake-rehearse.jsonl", "metake", "metake, cap 0.5, rehearsal every 100"),
+        ("lifelong-train2000-cap-metake-says.jsonl", "metake", "metake, cap 0.5"),
+        ("lifelong-train2000-cap-metake-passes3.jsonl", "metake", "metake, cap 0.5, max_passes 3"),
+        ("lifelong-train2000-cap-metake-rehearse.jsonl", "unedited", "unedited"),
+    ),
 }
 # The capped runs also measure the neighbourhood's shift and fluency at every point.
 QUANTITIES = {
@@ -57,6 +64,9 @@ QUANTITIES = {
     "cap": COMMITTED + ("specificity", "neighbour_shift", "fluency", "retention"),
     # what max_passes is for: said corrections, now and later, and what it costs
     "passes": COMMITTED + ("retention", "retention_says", "retention_first_says", "said_at_edit", "specificity"),
+    # what rehearsal repairs, what it spends, and what that costs the rest of the model
+    "rehearsal": COMMITTED
+    + ("retention", "retention_says", "retention_first_says", "rehearsal_unsaid", "neighbour_shift", "specificity"),
 }
 
 
