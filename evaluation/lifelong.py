@@ -239,18 +239,21 @@ class _Run:
     rehearsed: list[int] = field(default_factory=list)
     """Indices of the records applied again by rehearsal, in order (one may appear more than once)."""
 
+    def held(self) -> list[int]:
+        """The records done so far that the state holds (all but the failed ones), once each."""
+        failed = set(self.failed)
+        return [i for i in range(self.done) if i not in failed]
+
     def applied(self) -> list[int]:
         """Every record the state has applied, a rehearsed one once more for each rehearsal."""
-        failed = set(self.failed)
-        return [i for i in range(self.done) if i not in failed] + self.rehearsed
+        return self.held() + self.rehearsed
 
 
 def _rehearse(editor: Editor, run: _Run, records: list[CounterFactRecord], batch_size: int) -> dict[str, Any]:
     """Apply again (editing ``run`` in place) the corrections applied so far that greedy decoding
     no longer begins with; returns the point's rehearsal figures."""
     began = time.perf_counter()
-    failed = set(run.failed)
-    held = [i for i in range(run.done) if i not in failed]
+    held = run.held()
     loaded = editor.loaded
     said = targets_said(loaded.model, loaded.tokenizer, [records[i].request() for i in held])
     unsaid = [i for i, s in zip(held, said, strict=True) if not s]

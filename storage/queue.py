@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from storage.audit import AuditKind, NewEvent, append_event, append_events
 from storage.audit_rows import submitted_payload
 from storage.errors import InvalidTransition
-from storage.intake import CorrectionInput, Neighbor
+from storage.intake import CorrectionInput, make_correction
 from storage.models import DEFAULT_MODEL_NAME, Correction, CorrectionStatus, DaemonLease
 from storage.types import utcnow
 
@@ -140,8 +140,12 @@ def resubmit_for_rehearsal(
     lock_for_submitting(session)
     _lock_facts(session, facts)
     pending = pending_for_facts(session, facts, model)
-    chosen: list[tuple[Correction, str]] = []
+    chosen: list[Correction] = []
+    copies: list[CorrectionInput] = []
     for c in sorted(corrections, key=lambda c: c.id):
+        fact, (times, origin) = (c.prompt, c.subject), rehearsal_of(c)
+        if c.status != CorrectionStatus.APPLIED or fact in pending or times >= max_rehearsals:
+            continue
         newer = select(func.count()).where(
             Correction.model == model,
             Correction.status == CorrectionStatus.APPLIED,
@@ -149,26 +153,23 @@ def resubmit_for_rehearsal(
             Correction.subject == c.subject,
             Correction.id > c.id,
         )
-        fact, (times, origin) = (c.prompt, c.subject), rehearsal_of(c)
-        if c.status != CorrectionStatus.APPLIED or fact in pending or times >= max_rehearsals:
+        if session.scalar(newer):
             continue
-        if not session.scalar(newer):
-            chosen.append((c, f"rehearsal {times + 1} of #{origin}"))
-            pending[fact] = [c]  # a fact is rehearsed once a check
-    copies = [
-        CorrectionInput(
-            prompt=c.prompt,
-            subject=c.subject,
-            target=c.target,
-            paraphrases=tuple(c.paraphrases),
-            neighbors=tuple(Neighbor(n["prompt"], n["answer"]) for n in c.neighbors),
-            priority=c.priority,
-            original_answer=c.original_answer,
-            source=source,
+        chosen.append(c)
+        copies.append(
+            make_correction(
+                c.prompt,
+                c.subject,
+                c.target,
+                paraphrases=c.paraphrases,
+                neighbors=c.neighbors,
+                priority=c.priority,
+                original_answer=c.original_answer,
+                source=f"rehearsal {times + 1} of #{origin}",
+            )
         )
-        for c, source in chosen
-    ]
-    return dict(zip([c.id for c, _ in chosen], submit_many(session, copies, submitter, model=model), strict=True))
+        pending[fact] = [c]  # a fact is rehearsed once a check
+    return dict(zip([c.id for c in chosen], submit_many(session, copies, submitter, model=model), strict=True))
 
 
 def lock_for_submitting(session: Session) -> None:
